@@ -1,0 +1,138 @@
+// The ReZero residual update on CPU: y = x + alpha * dropout(fx), and its backward
+//   grad_fx = alpha * mask * scale * grad,  grad_alpha = sum(grad * mask * scale * fx)
+// (grad_x is grad itself and never reaches this file).  One pass over memory each way; the mask
+// is regenerated from the seed in backward, never stored.
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "op_args.h"
+
+namespace rezero::cpu {
+namespace {
+
+template <typename T, typename M, bool kPerChannel, bool kDropout>
+void forward_piece(T* __restrict y, const T* __restrict x, const T* __restrict f,
+                   const M* __restrict a, const M* __restrict m, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) {
+    M v = static_cast<M>(f[j]) * (kPerChannel ? a[j] : a[0]);
+    if constexpr (kDropout) v *= m[j];
+    y[j] = static_cast<T>(static_cast<M>(x[j]) + v);
+  }
+}
+
+// Writes grad_fx for the piece; returns its contribution to a scalar grad_alpha, or adds it
+// per channel to acc.
+template <typename T, typename M, bool kPerChannel, bool kDropout>
+M backward_piece(T* __restrict gf, M* __restrict acc, const T* __restrict g,
+                 const T* __restrict f, const M* __restrict a, const M* __restrict m, int64_t n) {
+  M total = 0;
+#pragma omp simd reduction(+ : total)
+  for (int64_t j = 0; j < n; ++j) {
+    M gj = static_cast<M>(g[j]);
+    if constexpr (kDropout) gj *= m[j];
+    gf[j] = static_cast<T>(gj * (kPerChannel ? a[j] : a[0]));
+    const M contribution = gj * static_cast<M>(f[j]);
+    if constexpr (kPerChannel) acc[j] += contribution;
+    else total += contribution;
+  }
+  return total;
+}
+
+template <typename T, bool kPerChannel, bool kDropout>
+void forward_kernel(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx,
+                    const at::Tensor& alpha, const Dropout& d) {
+  using M = at::opmath_type<T>;
+  const auto l = RowLayout::make(x.numel(), channels_of(x), kPerChannel);
+  T* yp = y.data_ptr<T>();
+  const T* xp = x.data_ptr<T>();
+  const T* fp = fx.data_ptr<T>();
+  const M* ap = alpha.data_ptr<M>();
+  parallel_blocks(l, [&](int64_t, int64_t r0, int64_t r1) {
+    ScaleBuffer<M> buf;
+    for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
+      const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
+      forward_piece<T, M, kPerChannel, kDropout>(yp + s, xp + s, fp + s,
+                                                 ap + (kPerChannel ? col : 0), m, n);
+    });
+  });
+}
+
+template <typename T, bool kPerChannel, bool kDropout>
+void backward_kernel(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tensor& grad,
+                     const at::Tensor& fx, const at::Tensor& alpha, const Dropout& d) {
+  using M = at::opmath_type<T>;
+  const auto l = RowLayout::make(fx.numel(), channels_of(fx), kPerChannel);
+  const int64_t len = kPerChannel ? l.width : 1;
+  std::vector<M> partials(l.blocks * len, M(0));
+  T* gfp = grad_fx.data_ptr<T>();
+  const T* gp = grad.data_ptr<T>();
+  const T* fp = fx.data_ptr<T>();
+  const M* ap = alpha.data_ptr<M>();
+  parallel_blocks(l, [&](int64_t b, int64_t r0, int64_t r1) {
+    ScaleBuffer<M> buf;
+    M* acc = partials.data() + b * len;
+    for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
+      const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
+      const M* a = ap + (kPerChannel ? col : 0);
+      const M total = backward_piece<T, M, kPerChannel, kDropout>(
+          gfp + s, acc + (kPerChannel ? col : 0), gp + s, fp + s, a, m, n);
+      if constexpr (!kPerChannel) acc[0] += total;
+    });
+  });
+  sum_partials(partials, l.blocks, len, grad_alpha.data_ptr<M>());
+}
+
+// Calls f(T{}, per_channel, dropout) with compile-time flags for the dtype of `data`.
+template <class F>
+void dispatch_residual(const at::Tensor& data, const at::Tensor& alpha, const Dropout& d,
+                       const F& f) {
+  dispatch_float_types(data.scalar_type(), [&](auto t) {
+    bool_dispatch(alpha.numel() > 1, [&](auto per_channel) {
+      bool_dispatch(d.enabled, [&](auto dropout) { f(t, per_channel, dropout); return 0; });
+      return 0;
+    });
+  });
+}
+
+at::Tensor residual(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha, double p,
+                    const at::Tensor& seed) {
+  check_data(x, "x");
+  check_data(fx, "fx");
+  check_same(x, fx, "x", "fx");
+  check_vector(alpha, x, "alpha", /*allow_scalar=*/true);
+  const Dropout d = make_dropout(p, seed);
+  at::Tensor y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  dispatch_residual(x, alpha, d, [&](auto t, auto pc, auto dr) {
+    forward_kernel<decltype(t), decltype(pc)::value, decltype(dr)::value>(y, x, fx, alpha, d);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_backward(const at::Tensor& grad, const at::Tensor& fx,
+                                                     const at::Tensor& alpha, double p,
+                                                     const at::Tensor& seed) {
+  check_data(grad, "grad");
+  check_data(fx, "fx");
+  check_same(grad, fx, "grad", "fx");
+  check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
+  const Dropout d = make_dropout(p, seed);
+  at::Tensor grad_fx = at::empty_like(fx);
+  at::Tensor grad_alpha = at::zeros_like(alpha);
+  if (fx.numel() == 0) return {grad_fx, grad_alpha};
+  dispatch_residual(fx, alpha, d, [&](auto t, auto pc, auto dr) {
+    backward_kernel<decltype(t), decltype(pc)::value, decltype(dr)::value>(grad_fx, grad_alpha, grad, fx, alpha, d);
+  });
+  return {grad_fx, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rezero_kernels, CPU, m) {
+  m.impl("residual", &residual);
+  m.impl("residual_backward", &residual_backward);
+}
+
+}  // namespace rezero::cpu

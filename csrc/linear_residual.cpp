@@ -1,0 +1,97 @@
+// rezero_linear: y = x + alpha * dropout(inp @ weight^T + bias), device-generic.
+// The GEMM (bias folded in) goes through ATen (MKL/oneDNN on CPU, cuBLAS on CUDA); the residual
+// epilogue and the backward's dropout pass are this extension's elementwise ops, reached
+// through the dispatcher so that the CPU and the CUDA build share this file.
+//
+// Backward without saving F = inp @ weight^T + bias: with dy' = mask * scale * grad and
+// G = dy'^T inp,
+//   grad_weight = alpha * G (alpha per output row),   grad_inp = dy' @ (alpha * weight),
+//   grad_bias   = alpha * colsum(dy'),                grad_alpha = rowsum(weight * G) + bias * colsum(dy')
+// (summed over rows for a scalar alpha).  So only inp, weight, bias, alpha and the seed are kept.
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+namespace rezero {
+namespace {
+
+at::Tensor residual_op(const at::Tensor& x, const at::Tensor& f, const at::Tensor& alpha, double p,
+                       const at::Tensor& seed) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rezero_kernels::residual", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                         double, const at::Tensor&)>();
+  return op.call(x, f, alpha, p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_grad_op(const at::Tensor& grad, double p,
+                                                   const at::Tensor& seed,
+                                                   const at::Tensor& zero_bias) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("rezero_kernels::bias_act_dropout_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(
+                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                           c10::string_view, double, const at::Tensor&)>();
+  // identity activation: grad_h = mask * scale * grad, grad_bias = its column sums
+  return op.call(grad, grad, zero_bias, "identity", p, seed);
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
+                const at::Tensor& bias) {
+  TORCH_CHECK(weight.dim() == 2, "weight must be 2-D, got ", weight.sizes());
+  TORCH_CHECK(inp.dim() >= 1 && inp.size(-1) == weight.size(1), "inp's last dimension must be ",
+              weight.size(1), ", got ", inp.sizes());
+  TORCH_CHECK(x.dim() == inp.dim() && x.size(-1) == weight.size(0) &&
+                  x.numel() / std::max<int64_t>(x.size(-1), 1) ==
+                      inp.numel() / std::max<int64_t>(inp.size(-1), 1),
+              "x must have inp's leading dimensions and weight's out_features, got ", x.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "bias must have ",
+              weight.size(0), " elements, got ", bias.sizes());
+  TORCH_CHECK(inp.scalar_type() == weight.scalar_type() && bias.scalar_type() == weight.scalar_type(),
+              "inp, weight and bias must share one dtype");
+}
+
+at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
+                           const at::Tensor& bias, const at::Tensor& alpha, double p,
+                           const at::Tensor& seed) {
+  check_args(x, inp, weight, bias);
+  at::Tensor f = at::addmm(bias, inp.reshape({-1, weight.size(1)}), weight.t());
+  f = f.view(x.sizes()).to(x.scalar_type());
+  return residual_op(x, f, alpha, p, seed);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backward(
+    const at::Tensor& grad, const at::Tensor& inp, const at::Tensor& weight,
+    const at::Tensor& bias, const at::Tensor& alpha, double p, const at::Tensor& seed) {
+  check_args(grad, inp, weight, bias);
+  const int64_t n_out = weight.size(0), n_in = weight.size(1);
+  auto [dy, colsum] = dropout_grad_op(grad, p, seed, at::zeros({n_out}, alpha.options()));
+  const at::Tensor dy2 = dy.reshape({-1, n_out}).to(weight.scalar_type());
+  const at::Tensor inp2 = inp.reshape({-1, n_in});
+  const at::Tensor g = at::mm(dy2.t(), inp2);  // (out, in)
+  const at::Tensor alpha_rows = alpha.view({-1, 1});
+  const at::Tensor grad_weight = (g * alpha_rows).to(weight.scalar_type());
+  const at::Tensor grad_inp = at::mm(dy2, (weight * alpha_rows).to(weight.scalar_type()))
+                                  .view(inp.sizes());
+  const at::Tensor grad_bias = (colsum * alpha).to(bias.scalar_type());
+  at::Tensor per_row = (weight.to(alpha.scalar_type()) * g.to(alpha.scalar_type())).sum(1) +
+                       bias.to(alpha.scalar_type()) * colsum;
+  at::Tensor grad_alpha = alpha.numel() == 1 ? per_row.sum().reshape({1}) : per_row;
+  return {grad_inp, grad_weight, grad_bias, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rezero_kernels, CPU, m) {
+  m.impl("linear_residual", &linear_residual);
+  m.impl("linear_residual_backward", &linear_residual_backward);
+}
+
+#ifdef REZERO_WITH_CUDA
+TORCH_LIBRARY_IMPL(rezero_kernels, CUDA, m) {
+  m.impl("linear_residual", &linear_residual);
+  m.impl("linear_residual_backward", &linear_residual_backward);
+}
+#endif
+
+}  // namespace rezero

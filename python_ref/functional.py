@@ -1,0 +1,57 @@
+"""The functional ops in plain PyTorch: the oracle every kernel is tested against.
+
+Each op computes in the dtype of its main input, exactly as an eager user would write it.
+``alpha`` and ``bias`` are cast to that dtype first, so the result dtype is the input's.
+
+``mask`` (optional, bool, the shape of the dropped tensor) replaces the random dropout mask:
+tests recover a kernel's mask and check that the kernel's numbers and gradients are those of
+this reference with the same mask.  ``mask=None`` draws one with ``torch.nn.functional.dropout``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh")
+
+
+def dropout(t: torch.Tensor, p: float, training: bool = True, mask: torch.Tensor | None = None):
+    """Inverted dropout; with ``mask`` given, keep exactly where ``mask`` is True."""
+    if not training or p == 0.0:
+        return t
+    if mask is None:
+        return F.dropout(t, p, training=True)
+    return t * mask.to(t.dtype) / (1.0 - p)
+
+
+def activation(t: torch.Tensor, name: str) -> torch.Tensor:
+    if name == "identity":
+        return t
+    if name == "relu":
+        return F.relu(t)
+    if name == "gelu":
+        return F.gelu(t)
+    if name == "gelu_tanh":
+        return F.gelu(t, approximate="tanh")
+    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+
+
+def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, mask=None):
+    """``x + alpha * dropout(fx)``; alpha is a 1-element or last-dimension-sized tensor."""
+    return x + alpha.to(x.dtype) * dropout(fx, dropout_p, training, mask)
+
+
+def bias_act_dropout(h, bias, activation_name="gelu", dropout_p=0.0, training=True, mask=None):
+    """``dropout(act(h + bias))``."""
+    return dropout(activation(h + bias.to(h.dtype), activation_name), dropout_p, training, mask)
+
+
+def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, mask=None):
+    """``x + alpha * dropout(inp @ weight.T + bias)``."""
+    return rezero_residual(x, F.linear(inp, weight, bias), alpha, dropout_p, training, mask)
+
+
+def linear_bias_act_dropout(inp, weight, bias, activation_name="gelu", dropout_p=0.0,
+                            training=True, mask=None):
+    """``dropout(act(inp @ weight.T + bias))``."""
+    return bias_act_dropout(F.linear(inp, weight), bias, activation_name, dropout_p, training, mask)

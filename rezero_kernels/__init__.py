@@ -1,0 +1,13 @@
+"""rezero-kernels: fused kernels and drop-in layers for ReZero residual networks.
+
+    import rezero_kernels as rzk
+    layer = rzk.RZTXEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, dropout=0.1,
+                                 batch_first=True)
+"""
+from . import functional
+from .dispatch import backends
+from .gate import ReZero
+from .transformer import RZTXDecoderLayer, RZTXEncoderLayer
+
+__all__ = ["functional", "backends", "ReZero", "RZTXEncoderLayer", "RZTXDecoderLayer"]
+__version__ = "0.1.0"

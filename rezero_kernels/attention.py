@@ -1,0 +1,76 @@
+"""Multi-head attention on ``nn.MultiheadAttention``'s parameters through
+``scaled_dot_product_attention``, with the output projection and the ReZero residual fused
+into one ``rezero_linear``.  Mask semantics are ``nn.MultiheadAttention``'s: a bool mask is True
+where attention is NOT allowed, a float mask is added to the scores; ``attn_mask`` is (L, S) or
+(N * num_heads, L, S), ``key_padding_mask`` is (N, S)."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import functional
+
+
+def _additive(mask: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(mask, float("-inf"))
+    if not mask.is_floating_point():
+        raise TypeError(f"{name} must be a bool or floating-point tensor, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+def merged_mask(attn_mask, key_padding_mask, batch, heads, q_len, k_len, dtype):
+    """One additive mask broadcastable to (batch, heads, q_len, k_len), or None."""
+    merged = None
+    if attn_mask is not None:
+        merged = _additive(attn_mask, dtype, "attn_mask")
+        if merged.dim() == 3:
+            merged = merged.view(batch, heads, q_len, k_len)
+        elif merged.dim() != 2:
+            raise ValueError(f"attn_mask must be 2-D (L, S) or 3-D (N*num_heads, L, S), "
+                             f"got {tuple(attn_mask.shape)}")
+    if key_padding_mask is not None:
+        if key_padding_mask.shape != (batch, k_len):
+            raise ValueError(f"key_padding_mask must have shape {(batch, k_len)}, "
+                             f"got {tuple(key_padding_mask.shape)}")
+        pad = _additive(key_padding_mask, dtype, "key_padding_mask").view(batch, 1, 1, k_len)
+        merged = pad if merged is None else merged + pad
+    return merged
+
+
+def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, training, *,
+                     attn_mask=None, key_padding_mask=None, is_causal=False, backend="auto"):
+    """``x + alpha * dropout(MHA(x, kv, kv))`` with ``attn``'s weights, in ``x``'s layout."""
+    batch_first = attn.batch_first
+    if x.dim() != 3 or kv.dim() != 3:
+        raise ValueError(f"expected 3-D inputs, got {tuple(x.shape)} and {tuple(kv.shape)}")
+    embed, heads = attn.embed_dim, attn.num_heads
+    if x.shape[-1] != embed or kv.shape[-1] != embed:
+        raise ValueError(f"inputs' last dimension must be d_model={embed}, "
+                         f"got {x.shape[-1]} and {kv.shape[-1]}")
+    w, b = attn.in_proj_weight, attn.in_proj_bias
+    if kv is x:
+        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+    else:
+        q = F.linear(x, w[:embed], b[:embed])
+        k, v = F.linear(kv, w[embed:], b[embed:]).chunk(2, dim=-1)
+
+    def heads_view(t):  # (N, L, E) or (L, N, E) -> (N, H, L, D), a view
+        t = t.unflatten(-1, (heads, embed // heads))
+        return t.permute(0, 2, 1, 3) if batch_first else t.permute(1, 2, 0, 3)
+
+    q, k, v = heads_view(q), heads_view(k), heads_view(v)
+    batch, _, q_len, _ = q.shape
+    k_len = k.shape[2]
+    causal = bool(is_causal) and key_padding_mask is None
+    if is_causal and attn_mask is None and not causal:
+        attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).triu(1)
+    mask = None if causal else merged_mask(attn_mask, key_padding_mask, batch, heads, q_len,
+                                           k_len, q.dtype)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                         dropout_p=attn.dropout if training else 0.0)
+    out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
+    out = out.flatten(-2)
+    return functional.rezero_linear(x, out, attn.out_proj.weight, attn.out_proj.bias, alpha,
+                                    dropout_p, training, backend)

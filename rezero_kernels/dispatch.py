@@ -1,0 +1,111 @@
+"""Backend selection: the one place that decides which implementation runs an op.
+
+Every backend is a module exposing the same three functions, called with inputs that
+``validation`` has already checked (same device, common dtype, dropout_p already 0.0 when not
+training, alpha a 1-element or last-dim-sized tensor, bias a tensor):
+
+    rezero_residual(x, fx, alpha, dropout_p)
+    bias_act_dropout(h, bias, activation, dropout_p)
+    rezero_linear(x, inp, weight, bias, alpha, dropout_p)
+    linear_bias_act_dropout(inp, weight, bias, activation, dropout_p)
+
+Backends:
+  "torch"  - ``python_ref``, plain eager PyTorch (the oracle; any device).
+  "cpu"    - the compiled C++ extension, CPU tensors.
+  "cuda"   - the compiled CUDA kernels in the same extension, CUDA tensors.
+  "triton" - Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
+"auto" picks, for CUDA tensors, triton > cuda > torch; for CPU tensors, cpu > torch
+(the Triton interpreter is a test vehicle, never chosen automatically).  A fallback to "torch"
+warns once, saying what to install or build.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("torch", "cpu", "cuda", "triton")
+_AUTO_ORDER = {"cuda": ("triton", "cuda"), "cpu": ("cpu",)}
+_MODULES = {"torch": "rezero_kernels.backend_torch", "cpu": "rezero_kernels.compiled_ops",
+            "cuda": "rezero_kernels.compiled_ops", "triton": "rezero_kernels.triton_ops"}
+_HOW_TO_GET = {
+    "cpu": "build the C++ extension: `pip install --no-build-isolation -e .` in the source tree",
+    "cuda": "build the extension on a machine with CUDA torch and nvcc (see README, REZERO_CUDA=1)",
+    "triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 for CPU tensors)",
+}
+
+
+def _triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _load(name: str):
+    """The backend's module, or None where it cannot run on this machine."""
+    if name in ("cpu", "cuda"):
+        from . import extension
+        if not (extension.has_cpu() if name == "cpu" else extension.has_cuda()):
+            return None
+    if name == "triton":
+        if importlib.util.find_spec("triton") is None:
+            return None
+        if not (torch.cuda.is_available() or _triton_interpreting()):
+            return None
+    return importlib.import_module(_MODULES[name])
+
+
+# Probed once, at import, so that torch.compile traces only dictionary look-ups here.
+# (TRITON_INTERPRET must therefore be set before rezero_kernels is imported.)
+_IMPLEMENTATIONS = {name: _load(name) for name in BACKENDS}
+
+
+def _probe(name: str) -> bool:
+    return _IMPLEMENTATIONS[name] is not None
+
+
+def backends() -> dict:
+    """What is usable on this machine: ``{"cpu": bool, "cuda": bool, "triton": bool}``."""
+    return {name: _probe(name) for name in ("cpu", "cuda", "triton")}
+
+
+def _supports_device(name: str, device: torch.device) -> bool:
+    if name in ("torch",):
+        return True
+    if name == "triton":
+        return device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())
+    return device.type == name
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_fallback(device_type: str) -> None:
+    wanted = _AUTO_ORDER.get(device_type, ())
+    hints = "; or ".join(_HOW_TO_GET[w] for w in wanted) or "no fused backend exists for it"
+    warnings.warn(f"rezero_kernels: no fused backend is available for {device_type} tensors, "
+                  f"using the slow pure-PyTorch reference. To get the fused kernels, {hints}.",
+                  RuntimeWarning, stacklevel=4)
+
+
+def select(requested: str, device: torch.device) -> str:
+    """Resolve ``backend=`` for tensors on ``device`` to a concrete backend name."""
+    if requested == "auto":
+        for name in _AUTO_ORDER.get(device.type, ()):
+            if _probe(name):
+                return name
+        _warn_fallback(device.type)
+        return "torch"
+    if requested not in BACKENDS:
+        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
+    if not _probe(requested):
+        raise RuntimeError(f"backend {requested!r} is not available on this machine: "
+                           f"{_HOW_TO_GET[requested]}")
+    if not _supports_device(requested, device):
+        raise ValueError(f"backend {requested!r} cannot run on {device.type} tensors")
+    return requested
+
+
+def implementation(name: str):
+    """The module implementing backend ``name`` (a name ``select`` returned)."""
+    return _IMPLEMENTATIONS[name]

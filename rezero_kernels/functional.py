@@ -1,0 +1,115 @@
+"""The fused ReZero ops.  Each checks its inputs, picks a backend (``dispatch``) and runs it.
+
+All three differentiate with respect to every tensor argument.  ``alpha`` is the ReZero gate:
+a 1-element tensor (the paper's scalar) or a vector of the last dimension's size (a per-channel
+gate, as LayerScale uses).  Inputs of different floating dtypes are promoted as eager PyTorch
+would; the result has the promoted dtype.  Dropout uses the backend's own counter-based
+generator seeded from torch's generator, so ``torch.manual_seed`` reproduces a run (the mask of
+one backend is not the mask of another).  ``training=False`` or ``dropout_p=0`` is exactly the
+no-dropout computation.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import dispatch
+from . import validation as check
+
+
+def _gate(alpha, like: torch.Tensor) -> torch.Tensor:
+    if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
+        return torch.full((1,), float(alpha), dtype=torch.float32, device=like.device)
+    return check.tensor("alpha", alpha)
+
+
+def _bias(bias, channels: int, like: torch.Tensor) -> torch.Tensor:
+    if bias is None:
+        return torch.zeros(channels, dtype=like.dtype, device=like.device)
+    return check.tensor("bias", bias)
+
+
+def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, backend="auto"):
+    """``x + alpha * dropout(fx)``: the ReZero residual update of one sublayer."""
+    x, fx = check.tensor("x", x), check.tensor("fx", fx)
+    alpha = _gate(alpha, x)
+    check.same_shape("x", x, "fx", fx)
+    check.channel_vector("alpha", alpha, check.last_dim("x", x), allow_scalar=True)
+    device = check.same_device(x=x, fx=fx, alpha=alpha)
+    p = check.dropout_p(dropout_p, training)
+    dtype = check.common_dtype(x, fx)
+    impl = dispatch.implementation(dispatch.select(backend, device))
+    return impl.rezero_residual(x.to(dtype), fx.to(dtype), alpha, p)
+
+
+def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, backend="auto"):
+    """``dropout(act(h + bias))``: the epilogue of a feed-forward block's first GEMM.
+
+    ``activation`` is one of ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"identity"``.
+    """
+    h = check.tensor("h", h)
+    channels = check.last_dim("h", h)
+    bias = _bias(bias, channels, h)
+    check.channel_vector("bias", bias, channels, allow_scalar=False)
+    device = check.same_device(h=h, bias=bias)
+    activation = check.activation(activation)
+    p = check.dropout_p(dropout_p, training)
+    impl = dispatch.implementation(dispatch.select(backend, device))
+    return impl.bias_act_dropout(h, bias, activation, p)
+
+
+def _autocast(device: torch.device, *tensors: torch.Tensor):
+    """Cast GEMM operands as ``torch.autocast`` casts ``F.linear``'s (fp64 is left alone)."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
+
+
+def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, backend="auto"):
+    """``x + alpha * dropout(inp @ weight.T + bias)``: a sublayer's output projection and its
+    ReZero residual update in one op (``bias`` may be None)."""
+    x, inp, weight = check.tensor("x", x), check.tensor("inp", inp), check.tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if check.last_dim("inp", inp) != in_features:
+        raise ValueError(f"inp's last dimension ({inp.shape[-1]}) must equal weight's "
+                         f"in_features ({in_features})")
+    if x.shape != inp.shape[:-1] + (out_features,):
+        raise ValueError(f"x must have shape {tuple(inp.shape[:-1]) + (out_features,)} "
+                         f"(inp's leading dims, weight's out_features), got {tuple(x.shape)}")
+    bias = _bias(bias, out_features, weight)
+    check.channel_vector("bias", bias, out_features, allow_scalar=False)
+    alpha = _gate(alpha, x)
+    check.channel_vector("alpha", alpha, out_features, allow_scalar=True)
+    device = check.same_device(x=x, inp=inp, weight=weight, bias=bias, alpha=alpha)
+    p = check.dropout_p(dropout_p, training)
+    inp, weight, bias = _autocast(device, inp, weight, bias)
+    gemm_dtype = check.common_dtype(inp, weight, bias)
+    impl = dispatch.implementation(dispatch.select(backend, device))
+    return impl.rezero_linear(x, inp.to(gemm_dtype), weight.to(gemm_dtype), bias.to(gemm_dtype),
+                              alpha, p)
+
+
+def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0, training=True,
+                            backend="auto"):
+    """``dropout(act(inp @ weight.T + bias))``: a feed-forward block's first GEMM and its
+    epilogue (the Triton backend fuses the epilogue into the GEMM; others run a GEMM, then the
+    fused ``bias_act_dropout``)."""
+    inp, weight = check.tensor("inp", inp), check.tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if check.last_dim("inp", inp) != in_features:
+        raise ValueError(f"inp's last dimension ({inp.shape[-1]}) must equal weight's "
+                         f"in_features ({in_features})")
+    bias = _bias(bias, out_features, weight)
+    check.channel_vector("bias", bias, out_features, allow_scalar=False)
+    device = check.same_device(inp=inp, weight=weight, bias=bias)
+    activation = check.activation(activation)
+    p = check.dropout_p(dropout_p, training)
+    inp, weight, bias = _autocast(device, inp, weight, bias)
+    dtype = check.common_dtype(inp, weight, bias)
+    impl = dispatch.implementation(dispatch.select(backend, device))
+    return impl.linear_bias_act_dropout(inp.to(dtype), weight.to(dtype), bias.to(dtype),
+                                        activation, p)

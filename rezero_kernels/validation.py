@@ -1,0 +1,69 @@
+"""Input checks shared by every backend: bad input gets an exception that names the problem."""
+from __future__ import annotations
+
+import torch
+
+ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh")
+
+
+def tensor(name: str, t) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    return t
+
+
+def same_device(**tensors: torch.Tensor) -> torch.device:
+    devices = {name: t.device for name, t in tensors.items()}
+    first = next(iter(devices.values()))
+    if any(d != first for d in devices.values()):
+        listed = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise RuntimeError(f"all tensors must be on one device, got {listed}")
+    return first
+
+
+def same_shape(name_a: str, a: torch.Tensor, name_b: str, b: torch.Tensor) -> None:
+    if a.shape != b.shape:
+        raise ValueError(f"{name_a} and {name_b} must have the same shape, "
+                         f"got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def dropout_p(p, training: bool) -> float:
+    """The probability the kernels see: 0.0 when not training."""
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"dropout probability must be a float, got {type(p).__name__}")
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return float(p) if training else 0.0
+
+
+def channel_vector(name: str, v: torch.Tensor, channels: int, allow_scalar: bool) -> None:
+    """``v`` is a gate (1 element, or ``channels``) or a bias (``channels``)."""
+    ok = v.dim() == 1 and (v.shape[0] == channels or (allow_scalar and v.shape[0] == 1))
+    if allow_scalar and v.dim() == 0:
+        raise ValueError(f"{name} must be a 1-element tensor of shape (1,), not a 0-dim tensor; "
+                         f"use {name}.reshape(1)")
+    if not ok:
+        want = f"(1,) or ({channels},)" if allow_scalar else f"({channels},)"
+        raise ValueError(f"{name} must have shape {want} to match the last dimension "
+                         f"({channels}) of the input, got {tuple(v.shape)}")
+
+
+def last_dim(name: str, t: torch.Tensor) -> int:
+    if t.dim() == 0:
+        raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
+    return t.shape[-1]
+
+
+def activation(name) -> str:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    return name
+
+
+def common_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    dtype = tensors[0].dtype
+    for t in tensors[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype

@@ -1,0 +1,123 @@
+"""The compiled ops as torch operators: fp64 gradcheck (dropout on, with a fixed seed),
+torch.library.opcheck, torch.compile(fullgraph=True) of a layer stack, and autocast."""
+import pytest
+import torch
+import torch.nn as nn
+
+import python_ref
+import rezero_kernels as rzk
+
+pytestmark = pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+F = rzk.functional
+
+
+def seeded(fn, seed=11):
+    def call(*args):
+        torch.manual_seed(seed)  # the same mask at every evaluation of gradcheck
+        return fn(*args)
+    return call
+
+
+def f64(*shape):
+    return torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("channels", [1, 9])
+def test_gradcheck_residual(p, channels):
+    fn = seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, p))
+    assert torch.autograd.gradcheck(fn, (f64(4, 9), f64(4, 9), f64(channels)))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("activation", ["identity", "relu", "gelu", "gelu_tanh"])
+def test_gradcheck_bias_act_dropout(p, activation):
+    fn = seeded(lambda h, b: F.bias_act_dropout(h, b, activation, p))
+    assert torch.autograd.gradcheck(fn, (f64(3, 2, 11), f64(11)))
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("channels", [1, 6])
+def test_gradcheck_rezero_linear(p, channels):
+    fn = seeded(lambda x, i, w, b, a: F.rezero_linear(x, i, w, b, a, p))
+    assert torch.autograd.gradcheck(fn, (f64(2, 3, 6), f64(2, 3, 5), f64(6, 5), f64(6), f64(channels)))
+
+
+def test_gradcheck_linear_bias_act_dropout():
+    fn = seeded(lambda i, w, b: F.linear_bias_act_dropout(i, w, b, "gelu", 0.25))
+    assert torch.autograd.gradcheck(fn, (f64(4, 5), f64(7, 5), f64(7)))
+
+
+def _seed(p):
+    return torch.tensor([5, 6]) if p else torch.zeros(2, dtype=torch.int64)
+
+
+def _opcheck_samples():
+    x, fx, h = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8)
+    inp, w, b = torch.randn(3, 5), torch.randn(8, 5), torch.randn(8)
+    for p in (0.0, 0.3):
+        for alpha in (torch.tensor([0.5]), torch.randn(8)):
+            yield "residual", (x, fx, alpha, p, _seed(p))
+            yield "linear_residual", (x, inp, w, b, alpha, p, _seed(p))
+        for act in ("relu", "gelu"):
+            yield "bias_act_dropout", (h, b, act, p, _seed(p))
+
+
+@pytest.mark.parametrize("name,args", list(_opcheck_samples()))
+def test_opcheck(name, args):
+    import rezero_kernels.compiled_ops  # noqa: F401  (registers fake kernels and autograd)
+    args = tuple(a.clone().requires_grad_(a.is_floating_point()) if isinstance(a, torch.Tensor)
+                 else a for a in args)
+    torch.library.opcheck(getattr(torch.ops.rezero_kernels, name), args)
+
+
+def test_backward_ops_opcheck():
+    import rezero_kernels.compiled_ops  # noqa: F401
+    g, fx, h, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    ops = torch.ops.rezero_kernels
+    torch.library.opcheck(ops.residual_backward, (g, fx, torch.tensor([0.5]), 0.3, _seed(1)))
+    torch.library.opcheck(ops.bias_act_dropout_backward, (g, h, b, "gelu", 0.3, _seed(1)))
+    torch.library.opcheck(ops.linear_residual_backward,
+                          (g, torch.randn(3, 5), torch.randn(8, 5), b, torch.randn(8), 0.3, _seed(1)))
+
+
+def test_compile_fullgraph_stack_matches_eager():
+    torch.manual_seed(0)
+    layer = rzk.RZTXEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, alpha_init=0.3)
+    model = nn.TransformerEncoder(layer, num_layers=3, enable_nested_tensor=False)
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    out_c = compiled(x, is_causal=True, mask=nn.Transformer.generate_square_subsequent_mask(10))
+    out_e = model(x, is_causal=True, mask=nn.Transformer.generate_square_subsequent_mask(10))
+    torch.testing.assert_close(out_c, out_e)
+    g_c = torch.autograd.grad(out_c.sum(), [x, *model.parameters()])
+    g_e = torch.autograd.grad(out_e.sum(), [x, *model.parameters()])
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b)
+
+
+def test_compile_inductor_with_dropout_trains():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[rzk.RZTXEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True,
+                                                 alpha_init=0.1) for _ in range(2)])
+    compiled = torch.compile(model, fullgraph=True)
+    out = compiled(torch.randn(2, 6, 16))
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_autocast_bf16_matches_reference_under_autocast():
+    torch.manual_seed(0)
+    fused = rzk.RZTXEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, alpha_init=0.5)
+    ref = python_ref.RZTXEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, alpha_init=0.5)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_f, out_r = fused(x), ref(x)
+    exact = ref.double()(x.double())
+    assert out_f.dtype == out_r.dtype
+    err_f = (out_f.double() - exact).abs().max().item()
+    err_r = (out_r.double() - exact).abs().max().item()
+    assert err_f <= 2 * err_r + 1e-3, (err_f, err_r)
+    out_f.float().sum().backward()
+    assert fused.resweight.grad.dtype == torch.float32 and fused.linear1.weight.grad is not None
