@@ -4,7 +4,7 @@ with their fake (meta) kernels and autograd formulas registered here, so that
 
 What each op keeps for backward (never a dropout mask: the seed regenerates it):
   residual         fx, alpha, seed            (not x: its gradient is grad_output itself)
-  bias_act_dropout h, bias, seed
+  bias_act_dropout h, bias, seed              (relu: its output instead, see below)
   linear_residual  inp, weight, bias, alpha, seed  (not the GEMM output, see linear_residual.cpp)
 """
 from __future__ import annotations
@@ -78,8 +78,14 @@ def _residual_backward(ctx, grad):
 
 
 def _bias_act_dropout_setup(ctx, inputs, output):
-    _keep(ctx, inputs, (0, 1, 4))
-    ctx.activation = inputs[2]
+    h, bias, activation, p, seed = inputs
+    ctx.p, ctx.activation = p, activation
+    if activation == "relu":
+        # y = mask * scale * relu(h + bias) is > 0 exactly where the gradient flows, and relu of
+        # y + 0 has that derivative: keep y (which the next GEMM keeps anyway), not h.
+        ctx.save_for_backward(output, torch.zeros_like(bias), seed)
+    else:
+        ctx.save_for_backward(h, bias, seed)
 
 
 def _bias_act_dropout_backward(ctx, grad):

@@ -1,0 +1,97 @@
+"""Bad input gets an exception naming the problem; backend selection is explicit and honest."""
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import rezero_kernels as rzk
+from rezero_kernels import dispatch
+
+F = rzk.functional
+x, fx = torch.randn(4, 8), torch.randn(4, 8)
+a1 = torch.ones(1)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: F.rezero_residual(x, fx[:, :7], a1), ValueError, "same shape"),
+    (lambda: F.rezero_residual(x, fx, torch.ones(3)), ValueError, r"alpha must have shape \(1,\) or \(8,\)"),
+    (lambda: F.rezero_residual(x, fx, torch.tensor(1.0)), ValueError, "0-dim"),
+    (lambda: F.rezero_residual(x, fx, a1, 1.0), ValueError, r"dropout probability must be in \[0, 1\)"),
+    (lambda: F.rezero_residual(x, fx, a1, -0.1), ValueError, "dropout probability"),
+    (lambda: F.rezero_residual(x, fx, a1, "0.1"), TypeError, "dropout probability must be a float"),
+    (lambda: F.rezero_residual(x.long(), fx, a1), TypeError, "x must be a floating-point"),
+    (lambda: F.rezero_residual(x.numpy(), fx, a1), TypeError, "x must be a torch.Tensor"),
+    (lambda: F.rezero_residual(x, fx, a1, backend="magic"), ValueError, "unknown backend 'magic'"),
+    (lambda: F.rezero_residual(x, fx.to("meta"), a1), RuntimeError, "one device"),
+    (lambda: F.bias_act_dropout(x, torch.ones(8), "swish"), ValueError, "unknown activation 'swish'"),
+    (lambda: F.bias_act_dropout(x, torch.ones(7)), ValueError, r"bias must have shape \(8,\)"),
+    (lambda: F.bias_act_dropout(torch.tensor(1.0), torch.ones(1)), ValueError, "at least one dimension"),
+    (lambda: F.rezero_linear(x, torch.randn(4, 5), torch.randn(8, 6), None, a1), ValueError, "in_features"),
+    (lambda: F.rezero_linear(x, torch.randn(4, 5), torch.randn(8, 5, 1), None, a1), ValueError, "2-D"),
+    (lambda: F.rezero_linear(torch.randn(3, 8), torch.randn(4, 5), torch.randn(8, 5), None, a1),
+     ValueError, "x must have shape"),
+    (lambda: F.linear_bias_act_dropout(x, torch.randn(3, 5), None), ValueError, "in_features"),
+])
+def test_bad_input_is_named(call, exc, match):
+    with pytest.raises(exc, match=match):
+        call()
+
+
+def test_backends_reports_three_bools():
+    status = rzk.backends()
+    assert set(status) == {"cpu", "cuda", "triton"} and all(isinstance(v, bool) for v in status.values())
+
+
+def test_auto_picks_compiled_cpu_when_built():
+    expected = "cpu" if rzk.backends()["cpu"] else "torch"
+    assert dispatch.select("auto", torch.device("cpu")) == expected
+
+
+def test_explicit_unavailable_backend_is_an_error():
+    if not rzk.backends()["cuda"]:
+        with pytest.raises(RuntimeError, match="backend 'cuda' is not available"):
+            F.rezero_residual(x, fx, a1, backend="cuda")
+    if rzk.backends()["cpu"]:
+        with pytest.raises(ValueError, match="cannot run on meta tensors"):
+            dispatch.select("cpu", torch.device("meta"))
+
+
+def test_missing_extension_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setitem(dispatch._IMPLEMENTATIONS, "cpu", None)
+    dispatch._warn_fallback.cache_clear()
+    with pytest.warns(RuntimeWarning, match="pip install --no-build-isolation"):
+        out = F.rezero_residual(x, fx, a1)
+    torch.testing.assert_close(out, x + fx)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        F.rezero_residual(x, fx, a1)  # warned once only
+    with pytest.raises(RuntimeError, match="backend 'cpu' is not available"):
+        F.rezero_residual(x, fx, a1, backend="cpu")
+    dispatch._warn_fallback.cache_clear()
+
+
+def test_unbuilt_checkout_imports_and_falls_back(tmp_path):
+    """A source checkout that was never built imports, reports cpu=False, warns once on "auto"
+    saying how to build, and refuses an explicit backend="cpu"."""
+    script = """
+import sys, warnings
+sys.modules["rezero_kernels._C"] = None  # as if the extension was never built
+import torch, rezero_kernels as rzk
+assert rzk.backends()["cpu"] is False, rzk.backends()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    rzk.functional.rezero_residual(torch.ones(2), torch.ones(2), torch.ones(1))
+assert any("pip install --no-build-isolation" in str(w.message) for w in caught), caught
+try:
+    rzk.functional.rezero_residual(torch.ones(2), torch.ones(2), torch.ones(1), backend="cpu")
+except RuntimeError as exc:
+    assert "not available" in str(exc)
+else:
+    raise AssertionError("backend='cpu' without the extension must raise")
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
