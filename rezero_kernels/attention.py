@@ -1,5 +1,5 @@
 """Multi-head attention on ``nn.MultiheadAttention``'s parameters through
-``scaled_dot_product_attention``, with the output projection and the ReZero residual fused
+``scaled_dot_product_attention`` (see ``_scaled_dot_product`` for CPU training), with the output projection and the ReZero residual fused
 into one ``rezero_linear``.  Mask semantics are ``nn.MultiheadAttention``'s: a bool mask is True
 where attention is NOT allowed, a float mask is added to the scores; ``attn_mask`` is (L, S) or
 (N * num_heads, L, S), ``key_padding_mask`` is (N, S)."""
@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import functional
+from . import dispatch, functional
 
 
 def _additive(mask: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
@@ -37,6 +37,27 @@ def merged_mask(attn_mask, key_padding_mask, batch, heads, q_len, k_len, dtype):
         pad = _additive(key_padding_mask, dtype, "key_padding_mask").view(batch, 1, 1, k_len)
         merged = pad if merged is None else merged + pad
     return merged
+
+
+def _scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
+    """SDPA, except for CPU training with dropout in float32/64 on the compiled backend: there
+    torch's SDPA falls back to its math path, whose bernoulli mask costs ~8 ns an element on one
+    thread; the same math with the fused in-kernel dropout replaces it."""
+    fused_dropout = (dropout_p > 0 and q.device.type == "cpu"
+                     and q.dtype in (torch.float32, torch.float64)
+                     and dispatch.select(backend, q.device) == "cpu")
+    if not fused_dropout:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                              dropout_p=dropout_p)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    if causal:
+        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
+        mask = _additive(mask, q.dtype, "causal mask")
+    if mask is not None:
+        scores = scores + mask
+    probs = functional.bias_act_dropout(torch.softmax(scores, dim=-1), None, "identity",
+                                        dropout_p, True, "cpu")
+    return torch.matmul(probs, v)
 
 
 def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, training, *,
@@ -68,8 +89,7 @@ def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, train
         attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).triu(1)
     mask = None if causal else merged_mask(attn_mask, key_padding_mask, batch, heads, q_len,
                                            k_len, q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                         dropout_p=attn.dropout if training else 0.0)
+    out = _scaled_dot_product(q, k, v, mask, causal, attn.dropout if training else 0.0, backend)
     out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
     out = out.flatten(-2)
     return functional.rezero_linear(x, out, attn.out_proj.weight, attn.out_proj.bias, alpha,
