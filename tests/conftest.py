@@ -1,5 +1,9 @@
 import os
 import sys
 
+# Triton kernels run on CPU tensors in the interpreter.  rezero_kernels probes its backends when
+# first imported, so this must be set before any test module imports it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # the test helpers (parity.py) import as top-level modules
 sys.path.insert(0, os.path.dirname(__file__))
