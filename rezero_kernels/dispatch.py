@@ -44,22 +44,29 @@ def _triton_interpreting() -> bool:
 
 
 def _load(name: str):
-    """The backend's module, or None where it cannot run on this machine."""
+    """(the backend's module, None) or (None, why it cannot run on this machine)."""
     if name in ("cpu", "cuda"):
         from . import extension
-        if not (extension.has_cpu() if name == "cpu" else extension.has_cuda()):
-            return None
+        if extension.load_error() is not None:
+            return None, extension.load_error()
+        if name == "cuda" and not extension.has_cuda():
+            return None, "the extension has no CUDA kernels or no GPU is visible"
     if name == "triton":
         if importlib.util.find_spec("triton") is None:
-            return None
+            return None, "triton is not installed"
         if not (torch.cuda.is_available() or _triton_interpreting()):
-            return None
-    return importlib.import_module(_MODULES[name])
+            return None, "no GPU is visible and TRITON_INTERPRET is not 1"
+    try:
+        return importlib.import_module(_MODULES[name]), None
+    except ImportError as exc:  # reported by select() when the backend is asked for
+        return None, f"importing {_MODULES[name]} failed: {exc}"
 
 
 # Probed once, at import, so that torch.compile traces only dictionary look-ups here.
 # (TRITON_INTERPRET must therefore be set before rezero_kernels is imported.)
-_IMPLEMENTATIONS = {name: _load(name) for name in BACKENDS}
+_IMPLEMENTATIONS, _UNAVAILABLE = {}, {}
+for _name in BACKENDS:
+    _IMPLEMENTATIONS[_name], _UNAVAILABLE[_name] = _load(_name)
 
 
 def _probe(name: str) -> bool:
@@ -99,8 +106,8 @@ def select(requested: str, device: torch.device) -> str:
     if requested not in BACKENDS:
         raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
     if not _probe(requested):
-        raise RuntimeError(f"backend {requested!r} is not available on this machine: "
-                           f"{_HOW_TO_GET[requested]}")
+        raise RuntimeError(f"backend {requested!r} is not available on this machine "
+                           f"({_UNAVAILABLE[requested]}): {_HOW_TO_GET[requested]}")
     if not _supports_device(requested, device):
         raise ValueError(f"backend {requested!r} cannot run on {device.type} tensors")
     return requested

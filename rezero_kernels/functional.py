@@ -68,13 +68,8 @@ def _autocast(device: torch.device, *tensors: torch.Tensor):
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, backend="auto"):
     """``x + alpha * dropout(inp @ weight.T + bias)``: a sublayer's output projection and its
     ReZero residual update in one op (``bias`` may be None)."""
-    x, inp, weight = check.tensor("x", x), check.tensor("inp", inp), check.tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if check.last_dim("inp", inp) != in_features:
-        raise ValueError(f"inp's last dimension ({inp.shape[-1]}) must equal weight's "
-                         f"in_features ({in_features})")
+    x = check.tensor("x", x)
+    out_features = check.gemm_operands(inp, weight)
     if x.shape != inp.shape[:-1] + (out_features,):
         raise ValueError(f"x must have shape {tuple(inp.shape[:-1]) + (out_features,)} "
                          f"(inp's leading dims, weight's out_features), got {tuple(x.shape)}")
@@ -96,13 +91,7 @@ def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0,
     """``dropout(act(inp @ weight.T + bias))``: a feed-forward block's first GEMM and its
     epilogue (the Triton backend fuses the epilogue into the GEMM; others run a GEMM, then the
     fused ``bias_act_dropout``)."""
-    inp, weight = check.tensor("inp", inp), check.tensor("weight", weight)
-    if weight.dim() != 2:
-        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
-    out_features, in_features = weight.shape
-    if check.last_dim("inp", inp) != in_features:
-        raise ValueError(f"inp's last dimension ({inp.shape[-1]}) must equal weight's "
-                         f"in_features ({in_features})")
+    out_features = check.gemm_operands(inp, weight)
     bias = _bias(bias, out_features, weight)
     check.channel_vector("bias", bias, out_features, allow_scalar=False)
     device = check.same_device(inp=inp, weight=weight, bias=bias)

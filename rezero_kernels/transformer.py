@@ -1,7 +1,7 @@
 """Drop-in ReZero Transformer layers running on the fused ops.
 
 Constructor, parameter names (``self_attn``, ``multihead_attn``, ``linear1``, ``linear2``,
-``resweight``) and forward signatures are those of ``python_ref`` (shared base class), which
+``resweight``) and forward methods are those of ``python_ref``'s layers (the base classes), which
 match the original ``rezero`` package, so its state_dicts load with ``strict=True``.  The
 forward signatures are those ``nn.TransformerEncoder`` / ``nn.TransformerDecoder`` call
 (``is_causal``, ``tgt_is_causal``, ``memory_is_causal``).
@@ -14,13 +14,16 @@ to silence it.
 """
 from __future__ import annotations
 
-from python_ref.transformer import _RZTXLayerBase
+import python_ref
 
 from . import dispatch, functional
 from .attention import rezero_attention
 
 
-class _FusedRZTXLayer(_RZTXLayerBase):
+class _FusedSublayers:
+    """Replaces the reference layers' two sublayer methods by fused ones; their ``forward``
+    (which calls them) is shared."""
+
     def __init__(self, d_model, nhead, dim_feedforward=2048, dropout=0.1, activation="relu",
                  batch_first=False, device=None, dtype=None, *, alpha_init=0.0, share_alpha=True,
                  backend="auto"):
@@ -49,24 +52,9 @@ class _FusedRZTXLayer(_RZTXLayerBase):
                                 is_causal=is_causal, backend=self.backend)
 
 
-class RZTXEncoderLayer(_FusedRZTXLayer):
+class RZTXEncoderLayer(_FusedSublayers, python_ref.RZTXEncoderLayer):
     """ReZero encoder layer: ``x += a * drop(SelfAttn(x)); x += a * drop(FF(x))``."""
-    kind = "encoder"
-
-    def forward(self, src, src_mask=None, src_key_padding_mask=None, is_causal=False):
-        x = self._attend(self.self_attn, self.gate("resweight"), src, src, src_mask,
-                         src_key_padding_mask, is_causal)
-        return self._feed_forward(x)
 
 
-class RZTXDecoderLayer(_FusedRZTXLayer):
+class RZTXDecoderLayer(_FusedSublayers, python_ref.RZTXDecoderLayer):
     """ReZero decoder layer: self-attention, cross-attention on ``memory``, feed-forward."""
-    kind = "decoder"
-
-    def forward(self, tgt, memory, tgt_mask=None, memory_mask=None, tgt_key_padding_mask=None,
-                memory_key_padding_mask=None, tgt_is_causal=False, memory_is_causal=False):
-        x = self._attend(self.self_attn, self.gate("resweight"), tgt, tgt, tgt_mask,
-                         tgt_key_padding_mask, tgt_is_causal)
-        x = self._attend(self.multihead_attn, self.gate("resweight_cross"), x, memory,
-                         memory_mask, memory_key_padding_mask, memory_is_causal)
-        return self._feed_forward(x)

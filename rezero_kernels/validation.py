@@ -56,6 +56,19 @@ def last_dim(name: str, t: torch.Tensor) -> int:
     return t.shape[-1]
 
 
+def gemm_operands(inp, weight) -> int:
+    """``inp @ weight.T`` is well-formed; returns out_features."""
+    tensor("inp", inp)
+    tensor("weight", weight)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D (out_features, in_features), got {tuple(weight.shape)}")
+    out_features, in_features = weight.shape
+    if last_dim("inp", inp) != in_features:
+        raise ValueError(f"inp's last dimension ({inp.shape[-1]}) must equal weight's "
+                         f"in_features ({in_features})")
+    return out_features
+
+
 def activation(name) -> str:
     if name not in ACTIVATIONS:
         raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
