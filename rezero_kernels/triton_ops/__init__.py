@@ -1,0 +1,25 @@
+"""The "triton" backend: Triton kernels for CUDA tensors (or CPU tensors under
+``TRITON_INTERPRET=1``, a slow test vehicle).  See ``dispatch`` for the interface.
+
+    residual.py      x + alpha * dropout(fx)                   (one pass; backward one pass)
+    bias_act.py      dropout(act(h + bias))                    (one pass; backward one pass)
+    fused_linear.py  x + alpha * dropout(inp @ W.T + b) and dropout(act(inp @ W.T + b)):
+                     a GEMM with the epilogue fused into it
+    common.py        dropout generator, block configs, op registration
+
+Every op is registered as ``rezero_kernels_triton::<name>`` (a ``torch.library.triton_op`` on
+GPU machines, so ``torch.compile(fullgraph=True)`` traces into the kernels) with its autograd
+formula.  TRITON_INTERPRET must be set before this module is imported.
+"""
+try:
+    import triton  # noqa: F401
+    import triton.language  # noqa: F401
+except ImportError as error:  # pragma: no cover - depends on the machine
+    raise ImportError("rezero_kernels' triton backend needs the `triton` package "
+                      f"(pip install triton): {error}") from error
+
+from .bias_act import bias_act_dropout
+from .fused_linear import linear_bias_act_dropout, rezero_linear
+from .residual import rezero_residual
+
+__all__ = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout"]

@@ -1,0 +1,170 @@
+"""``y = dropout(act(h + bias))`` in one pass, its backward, and the activation helpers the GEMM
+epilogue shares.
+
+Activations are chosen by the constexpr ``ACT``: 0 identity, 1 relu, 2 gelu (erf),
+3 gelu_tanh.  Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
+``dbias = sum_rows(dz)`` from fp32 per-group partials summed in a fixed order (deterministic,
+no atomics).  What is kept for backward:
+  relu      the output y only: y > 0 exactly where the gradient flows (kept and h + bias > 0),
+            so neither h, bias nor the mask is needed (the kernel runs with ``seed=None``: it
+            applies the 1/(1-p) scale and no mask)
+  others    h, bias and the seed (the mask is regenerated)
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import (define_op, dropout, elementwise_configs, math_dtype, new_seed, row_groups,
+                     scale_args, skip_launch, to_math)
+
+ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
+RELU = ACTIVATION_CODES["relu"]
+
+
+@triton.jit
+def _tanh(u):
+    e = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]: no overflow
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0, -t, t)
+
+
+@triton.jit
+def activation(z, ACT: tl.constexpr):
+    if ACT == 1:
+        z = tl.where(z < 0, 0.0, z)
+    elif ACT == 2:
+        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+    elif ACT == 3:
+        z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+    return z
+
+
+@triton.jit
+def activation_grad(z, ACT: tl.constexpr):
+    """d act(z) / dz (for ACT 1..3)."""
+    if ACT == 1:
+        g = tl.where(z > 0, 1.0, 0.0)
+    elif ACT == 2:
+        g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) \
+            + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    else:
+        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
+        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 \
+            * (1.0 + 0.134145 * z * z)
+    return g
+
+
+@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
+@triton.jit
+def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, p, scale, scale_lo,
+                  ACT: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (rows[:, None] < M) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    z = to_math(tl.load(h_ptr + offs, mask=inside, other=0.0), FP64)
+    z += to_math(tl.load(bias_ptr + cols, mask=cols < C, other=0.0), FP64)[None, :]
+    y = dropout(activation(z, ACT), seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
+@triton.jit
+def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, group_rows,
+                  p, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
+                  DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr, FP64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    group = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    first = group * group_rows
+    acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    for start in range(0, group_rows, BLOCK_M):
+        rows = first + start + tl.arange(0, BLOCK_M)
+        inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        dz = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
+        dz = dropout(dz, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+        if ACT != 0:
+            z = to_math(tl.load(z_ptr + offs, mask=inside, other=0.0), FP64)
+            if ADD_BIAS:
+                z += to_math(tl.load(bias_ptr + cols, mask=cols < C, other=0.0), FP64)[None, :]
+            dz = tl.where(inside, dz * activation_grad(z, ACT), 0.0)
+        if STORE_GRAD:
+            tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=inside)
+        acc += tl.sum(dz, axis=0)
+    tl.store(part_ptr + group * C + cols, acc, mask=cols < C)
+
+
+def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                  act: int, p: float, seed: Optional[torch.Tensor], dtype: torch.dtype,
+                  store: bool):
+    """``dz = mask * grad / (1-p) * act'(z [+ bias])`` (mask only where ``seed`` is given; z is
+    not read for identity) as ``dtype`` (None unless ``store``), and its column sums (fp32, or
+    fp64 for float64)."""
+    C = grad.shape[-1]
+    M = grad.numel() // C if C else 0
+    groups = row_groups(M)
+    sum_dtype = math_dtype(torch.promote_types(grad.dtype, dtype))
+    partial = torch.zeros((groups, C), dtype=sum_dtype, device=grad.device)
+    dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
+    if grad.numel() and not skip_launch(grad):
+        hi, lo = scale_args(p)
+        grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
+        wrap_triton(_bias_act_bwd)[grid](
+            grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
+            triton.cdiv(M, groups), p, hi, lo, ACT=act, ADD_BIAS=int(bias is not None),
+            DROPOUT=int(seed is not None), STORE_GRAD=int(store),
+            FP64=int(sum_dtype == torch.float64))
+    return dz, partial.sum(0)
+
+
+@define_op("bias_act_dropout")
+def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
+             seed: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    C = h.shape[-1]
+    if out.numel() == 0 or skip_launch(h):
+        return out
+    M = out.numel() // C
+    hi, lo = scale_args(p)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+    wrap_triton(_bias_act_fwd)[grid](
+        h.contiguous(), bias, seed, out, M, C, p, hi, lo, ACT=act,
+        DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
+    return out
+
+
+@define_op("bias_act_dropout_backward")
+def bias_act_backward(grad: torch.Tensor, z: torch.Tensor, bias: Optional[torch.Tensor],
+                      act: int, p: float, seed: Optional[torch.Tensor]
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of h, column sums of it in fp32/fp64: the grad of bias before its cast)."""
+    grad_h, grad_bias = bias_act_grad(grad, z, bias, act, p, seed, z.dtype, True)
+    return grad_h, grad_bias
+
+
+def _setup(ctx, inputs, output):
+    h, bias, act, p, seed = inputs
+    ctx.act, ctx.p, ctx.bias_dtype = act, p, bias.dtype
+    if act == RELU:
+        ctx.save_for_backward(output, None, None)
+    else:
+        ctx.save_for_backward(h, bias, seed)
+
+
+def _backward(ctx, grad):
+    z, bias, seed = ctx.saved_tensors
+    grad_h, grad_bias = bias_act_backward(grad, z, bias, ctx.act, ctx.p, seed)
+    return grad_h, grad_bias.to(ctx.bias_dtype), None, None, None
+
+
+bias_act.register_autograd(_backward, setup_context=_setup)
+
+
+def bias_act_dropout(h, bias, activation_name, dropout_p):
+    return bias_act(h, bias.contiguous(), ACTIVATION_CODES[activation_name], dropout_p,
+                    new_seed(dropout_p, h.device))

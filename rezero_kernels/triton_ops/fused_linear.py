@@ -1,0 +1,242 @@
+"""A Triton GEMM with a fused epilogue, and the two linear ops built on it.
+
+``_linear_kernel`` computes ``out[m, n] = epilogue(sum_k a[m, k] * b[n, k])`` (any strides, so
+``weight`` and transposed views are read in place) and, while the accumulator tile is in
+registers: adds the bias, optionally stores that pre-activation, applies the activation and
+dropout, and for the ReZero op scales by alpha and adds the residual tile of x; one store.
+The same kernel with an empty epilogue computes the fp32 weight-gradient product below.
+
+rezero_linear: ``y = x + alpha * dropout(inp @ W.T + b)``.  Backward never needs F = inp @ W.T + b:
+with ``dy' = mask * dy / (1-p)`` (one elementwise pass that also sums its columns) and
+``G = dy'^T inp`` (this kernel, fp32 output):
+    dW = alpha[:, None] * G        dinp = dy' @ (alpha[:, None] * W)     dx = dy
+    db = alpha * colsum(dy')       dalpha_n = sum_k W[n, k] G[n, k] + b_n colsum(dy')_n
+(summed over n for a scalar alpha).  Kept: inp, W, b, alpha, seed.
+
+linear_bias_act_dropout: ``y = dropout(act(inp @ W.T + b))``.  Kept for backward: inp, W and
+  identity  the seed only (dz = mask * dy / (1-p))
+  relu      the output y (y > 0 exactly where the gradient flows; no mask needed)
+  gelu*     the pre-activation inp @ W.T + b, stored by the forward epilogue (only when a
+            gradient will be needed) and the seed: recomputing it would cost a GEMM.
+"""
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
+from .common import (define_op, dropout, gemm_configs, interpreting, math_dtype, new_seed,
+                     scale_args, skip_launch, to_math)
+
+
+@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
+@triton.jit
+def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, pre_ptr,
+                   M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_xm, stride_xn,
+                   p, scale, scale_lo, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   STORE_PRE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
+                   RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                   GROUP_M: tl.constexpr):
+    # grouped program order: GROUP_M row-blocks share the column blocks they sweep (L2 reuse)
+    pid = tl.program_id(0)
+    blocks_m = tl.cdiv(M, BLOCK_M)
+    blocks_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * blocks_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + rm[:, None].to(tl.int64) * stride_am + rk[None, :] * stride_ak
+    b_ptrs = b_ptr + rk[:, None] * stride_bk + rn[None, :].to(tl.int64) * stride_bn
+    if DOT == 2:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float64)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = tl.load(a_ptrs, mask=(rm[:, None] < M) & (rk[None, :] + k0 < K), other=0.0)
+        b = tl.load(b_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
+        if DOT == 0:  # 16-bit inputs
+            acc = tl.dot(a, b, acc)
+        elif DOT == 3:  # bf16 in the interpreter, whose dot mistakes bf16 for integers
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:  # fp32 (as eager fp32 matmul: no TF32) and fp64
+            acc = tl.dot(a, b, acc, input_precision="ieee")
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    acc = to_math(acc, FP64)
+    inside = (rm[:, None] < M) & (rn[None, :] < N)
+    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    if HAS_BIAS:
+        acc += to_math(tl.load(bias_ptr + rn, mask=rn < N, other=0.0), FP64)[None, :]
+    if STORE_PRE:
+        tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
+    acc = activation(acc, ACT)
+    acc = dropout(acc, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    if RESIDUAL:
+        if PER_CHANNEL:
+            gate = tl.load(alpha_ptr + rn, mask=rn < N, other=0.0)[None, :]
+        else:
+            gate = tl.load(alpha_ptr)
+        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xn
+        acc = to_math(tl.load(x_ptrs, mask=inside, other=0.0), FP64) + to_math(gate, FP64) * acc
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+def _gemm(a, b, out, bias=None, x=None, alpha=None, seed=None, pre=None, act=0, p=0.0):
+    """``out (M, N) = epilogue(a (M, K) @ b (N, K).T)``; out and pre contiguous."""
+    M, K = a.shape
+    N = b.shape[0]
+    if out.numel() == 0 or skip_launch(a):
+        return
+    dot = {torch.float64: 2, torch.float32: 1}.get(a.dtype, 0)
+    if dot == 0 and a.dtype == torch.bfloat16 and interpreting():
+        dot = 3
+    hi, lo = scale_args(p)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    wrap_triton(_linear_kernel)[grid](
+        a, b, bias, x, alpha, seed, out, pre, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+        b.stride(1), x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0,
+        p, hi, lo, DOT=dot, HAS_BIAS=int(bias is not None), STORE_PRE=int(pre is not None),
+        ACT=act, DROPOUT=int(seed is not None), RESIDUAL=int(x is not None),
+        PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
+        FP64=int(out.dtype == torch.float64))
+
+
+def _rows(t: torch.Tensor) -> int:
+    return math.prod(t.shape[:-1])
+
+
+# --- x + alpha * dropout(inp @ W.T + b) ---------------------------------------------------------
+
+@define_op("linear_residual")
+def linear_residual(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                    alpha: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
+    N, K = weight.shape
+    M = _rows(x)
+    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, inp.dtype), device=x.device)
+    _gemm(inp.reshape(M, K), weight, out.view(M, N), bias=bias, x=x.reshape(M, N), alpha=alpha,
+          seed=seed, p=p)
+    return out
+
+
+@define_op("linear_residual_backward")
+def linear_residual_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
+                             bias: torch.Tensor, alpha: torch.Tensor, p: float,
+                             seed: Optional[torch.Tensor]
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads of (inp, weight, bias, alpha)."""
+    N, K = weight.shape
+    M = _rows(grad)
+    grad2 = grad.reshape(M, N)
+    # dy' = mask * dy / (1-p) in the GEMM dtype, and its column sums
+    cast = seed is not None or grad.dtype != inp.dtype
+    dyp, colsum = bias_act_grad(grad2, None, None, 0, p, seed, inp.dtype, cast)
+    dyp = dyp if cast else grad2
+    inp2 = inp.reshape(M, K)
+    acc_dtype = math_dtype(inp.dtype)
+    g = torch.zeros((N, K), dtype=acc_dtype, device=grad.device)
+    _gemm(dyp.t(), inp2.t(), g)  # G = dy'^T inp, fp32
+    colsum = colsum.to(acc_dtype)
+    a = alpha.to(acc_dtype)
+    grad_weight = (a.view(-1, 1) * g).to(weight.dtype)
+    grad_bias = (a * colsum).to(bias.dtype)
+    per_row = (weight.to(acc_dtype) * g).sum(1) + bias.to(acc_dtype) * colsum
+    grad_alpha = per_row if alpha.numel() > 1 else per_row.sum().reshape(1)
+    grad_inp = torch.matmul(dyp, (a.view(-1, 1) * weight.to(acc_dtype)).to(inp.dtype))
+    return grad_inp.reshape(inp.shape), grad_weight, grad_bias, grad_alpha.to(alpha.dtype)
+
+
+def _residual_setup(ctx, inputs, output):
+    x, inp, weight, bias, alpha, p, seed = inputs
+    ctx.p, ctx.x_dtype = p, x.dtype
+    ctx.save_for_backward(inp, weight, bias, alpha, seed)
+
+
+def _residual_backward(ctx, grad):
+    inp, weight, bias, alpha, seed = ctx.saved_tensors
+    grads = linear_residual_backward(grad, inp, weight, bias, alpha, ctx.p, seed)
+    grad_x = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)
+    return (grad_x, *grads, None, None)
+
+
+linear_residual.register_autograd(_residual_backward, setup_context=_residual_setup)
+
+
+# --- dropout(act(inp @ W.T + b)) -----------------------------------------------------------------
+
+@define_op("linear_act")
+def linear_act(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act: int, p: float,
+               seed: Optional[torch.Tensor], save_pre: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(output, pre-activation inp @ W.T + b if save_pre else an empty tensor)."""
+    N, K = weight.shape
+    M = _rows(inp)
+    shape = inp.shape[:-1] + (N,)
+    out = torch.empty(shape, dtype=inp.dtype, device=inp.device)
+    pre = torch.empty(shape if save_pre else (0,), dtype=inp.dtype, device=inp.device)
+    _gemm(inp.reshape(M, K), weight, out.view(M, N), bias=bias, seed=seed,
+          pre=pre.view(M, N) if save_pre else None, act=act, p=p)
+    return out, pre
+
+
+@define_op("linear_act_backward")
+def linear_act_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
+                        z: Optional[torch.Tensor], act: int, p: float,
+                        seed: Optional[torch.Tensor]
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Grads of (inp, weight) and the column sums of dz (the grad of bias before its cast)."""
+    N, K = weight.shape
+    M = _rows(grad)
+    grad2 = grad.reshape(M, N)
+    store = act != 0 or seed is not None or grad.dtype != inp.dtype
+    dz, colsum = bias_act_grad(grad2, z.reshape(M, N) if act else None, None, act, p, seed,
+                               inp.dtype, store)
+    dz = dz if store else grad2
+    grad_inp = torch.matmul(dz, weight).reshape(inp.shape)
+    grad_weight = torch.matmul(dz.t(), inp.reshape(M, K))
+    return grad_inp, grad_weight, colsum
+
+
+def _act_setup(ctx, inputs, output):
+    inp, weight, bias, act, p, seed, save_pre = inputs
+    out, pre = output
+    ctx.mark_non_differentiable(pre)
+    ctx.act, ctx.p, ctx.bias_dtype = act, p, bias.dtype
+    if act == RELU:
+        ctx.save_for_backward(inp, weight, out, None)
+    else:
+        ctx.save_for_backward(inp, weight, pre if act else None, seed)
+
+
+def _act_backward(ctx, grad, grad_pre):
+    inp, weight, z, seed = ctx.saved_tensors
+    grad_inp, grad_weight, grad_bias = linear_act_backward(grad, inp, weight, z, ctx.act, ctx.p,
+                                                           seed)
+    return grad_inp, grad_weight, grad_bias.to(ctx.bias_dtype), None, None, None, None
+
+
+linear_act.register_autograd(_act_backward, setup_context=_act_setup)
+
+
+# --- the backend interface ---------------------------------------------------------------
+
+def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
+    return linear_residual(x, inp, weight, bias.contiguous(), alpha.contiguous(), dropout_p,
+                           new_seed(dropout_p, x.device))
+
+
+def linear_bias_act_dropout(inp, weight, bias, activation_name, dropout_p):
+    act = ACTIVATION_CODES[activation_name]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (inp, weight, bias))
+    save_pre = int(needs_grad and act not in (0, RELU))
+    out, _ = linear_act(inp, weight, bias.contiguous(), act, dropout_p,
+                        new_seed(dropout_p, inp.device), save_pre)
+    return out

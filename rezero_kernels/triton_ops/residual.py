@@ -1,0 +1,121 @@
+"""``y = x + alpha * dropout(fx)`` in one pass, and its backward.
+
+Backward: ``dx = dy`` (grad_output itself), ``dfx = alpha * mask * dy / (1-p)`` and
+``dalpha = sum(dy * dropout(fx))`` (per channel for a per-channel alpha).  The backward kernel
+splits the rows into ``row_groups`` groups; each program walks its group's rows for one block
+of channels and writes an fp32 partial sum per channel; the partials (groups x C) are then summed
+by ``torch.sum`` in a fixed order, so dalpha is deterministic and needs no atomics.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .common import (define_op, dropout, elementwise_configs, math_dtype, new_seed, row_groups,
+                     scale_args, skip_launch, to_math)
+
+
+@triton.jit
+def _load_alpha(alpha_ptr, cols, C, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr):
+    if PER_CHANNEL:
+        a = tl.load(alpha_ptr + cols, mask=cols < C, other=0.0)[None, :]
+    else:
+        a = tl.load(alpha_ptr)
+    return to_math(a, FP64)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
+@triton.jit
+def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, p, scale, scale_lo,
+                  PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    inside = (rows[:, None] < M) & (cols[None, :] < C)
+    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    x = to_math(tl.load(x_ptr + offs, mask=inside, other=0.0), FP64)
+    fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
+    fx = dropout(fx, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    y = x + _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64) * fx
+    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
+
+
+@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
+@triton.jit
+def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, group_rows,
+                  p, scale, scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
+                  FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    group = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    a = _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64)
+    first = group * group_rows
+    acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    for start in range(0, group_rows, BLOCK_M):
+        rows = first + start + tl.arange(0, BLOCK_M)
+        inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
+        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        dy = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
+        dy = dropout(dy, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+        tl.store(dfx_ptr + offs, (a * dy).to(dfx_ptr.dtype.element_ty), mask=inside)
+        fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
+        acc += tl.sum(dy * fx, axis=0)
+    tl.store(part_ptr + group * C + cols, acc, mask=cols < C)
+
+
+@define_op("residual")
+def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
+             seed: Optional[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    C = x.shape[-1] if x.dim() else 1
+    if out.numel() == 0 or skip_launch(x):
+        return out
+    M = out.numel() // C
+    hi, lo = scale_args(p)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
+    wrap_triton(_residual_fwd)[grid](
+        x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, p, hi, lo,
+        PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
+        FP64=int(x.dtype == torch.float64))
+    return out
+
+
+@define_op("residual_backward")
+def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
+                      seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of fx, grad of alpha)."""
+    C = fx.shape[-1] if fx.dim() else 1
+    M = fx.numel() // C if C else 0
+    groups = row_groups(M)
+    grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
+    partial = torch.zeros((groups, C), dtype=math_dtype(fx.dtype), device=fx.device)
+    if fx.numel() and not skip_launch(fx):
+        hi, lo = scale_args(p)
+        group_rows = triton.cdiv(M, groups)
+        grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
+        wrap_triton(_residual_bwd)[grid](
+            grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, group_rows,
+            p, hi, lo, PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
+            FP64=int(fx.dtype == torch.float64))
+    grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
+    return grad_fx, grad_alpha.to(alpha.dtype)
+
+
+def _setup(ctx, inputs, output):
+    x, fx, alpha, p, seed = inputs
+    ctx.p = p
+    ctx.save_for_backward(fx, alpha, seed)
+
+
+def _backward(ctx, grad):
+    fx, alpha, seed = ctx.saved_tensors
+    grad_fx, grad_alpha = residual_backward(grad, fx, alpha, ctx.p, seed)
+    return grad, grad_fx, grad_alpha, None, None
+
+
+residual.register_autograd(_backward, setup_context=_setup)
+
+
+def rezero_residual(x, fx, alpha, dropout_p):
+    return residual(x, fx, alpha.contiguous(), dropout_p, new_seed(dropout_p, x.device))
