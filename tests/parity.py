@@ -30,7 +30,7 @@ def probe_mask(shape, p, seed, backend):
 
 def run(fn, inputs, grad_out):
     """fn(*inputs) and the gradients of <fn, grad_out> with respect to every input."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    leaves = [t.detach().requires_grad_(True) for t in inputs]  # keeps the strides
     out = fn(*leaves)
     grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
     return [out.detach()] + [g.detach() for g in grads]
@@ -38,7 +38,7 @@ def run(fn, inputs, grad_out):
 
 def non_contiguous(t: torch.Tensor) -> torch.Tensor:
     """The same values laid out with strides (every other element of a wider tensor)."""
-    wide = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype)
+    wide = torch.empty(t.shape[:-1] + (2 * t.shape[-1],), dtype=t.dtype, device=t.device)
     wide[..., ::2] = t
     return wide[..., ::2]
 
@@ -49,6 +49,7 @@ def assert_parity(kernel_fn, ref_fn, inputs, grad_out, dtype, contiguous=True, n
     cast = [t.to(dtype) for t in inputs]
     if not contiguous:
         cast = [non_contiguous(t) if t.dim() >= 2 else t for t in cast]
+        assert not any(t.is_contiguous() for t in cast if t.dim() >= 2 and t.shape[-1] > 1)
     got = run(kernel_fn, cast, grad_out.to(dtype))
     names = names or [f"input {i}" for i in range(len(inputs))]
     labels = ["output"] + [f"grad of {n}" for n in names]

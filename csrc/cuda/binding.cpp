@@ -1,0 +1,187 @@
+// The CUDA kernels as torch operators (schemas in ../ops.cpp): argument checks, output and
+// workspace allocation (the caching allocator, so CUDA-graph capture works), and the launchers
+// of launchers.h on the current stream of the data's device.  Compiled only in the CUDA build
+// (setup.py adds csrc/cuda/*.cpp when REZERO_CUDA is on).
+//
+// Only c10/cuda headers are used (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE
+// headers); c10::cuda::getCurrentCUDAStream is what at::cuda::getCurrentCUDAStream names.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string>
+#include <tuple>
+
+#include "launchers.h"
+
+namespace rezero::cuda {
+namespace {
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK(false, "rezero_kernels: unsupported dtype ", t.scalar_type());
+  }
+  return DType::kFloat32;  // unreachable
+}
+
+void check_data(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
+                  t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
+              name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+}
+
+void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ",
+              a.sizes(), " and ", b.sizes());
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn,
+              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device, got ",
+              a.device(), " and ", b.device());
+}
+
+int64_t channels_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(-1); }
+
+// A length-1 or length-C vector in the math dtype of `data`, on data's device.
+void check_vector(const at::Tensor& v, const at::Tensor& data, const char* name,
+                  bool allow_scalar) {
+  const auto math = data.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(v.dim() == 1 && v.is_contiguous() && v.device() == data.device(), name,
+              " must be a contiguous 1-D tensor on ", data.device());
+  TORCH_CHECK(v.numel() == channels_of(data) || (allow_scalar && v.numel() == 1), name,
+              " must have ", allow_scalar ? "1 or " : "", channels_of(data), " elements, got ",
+              v.numel());
+  TORCH_CHECK(v.scalar_type() == math, name, " must be ", math, " for ", data.scalar_type(),
+              " data, got ", v.scalar_type());
+}
+
+// The seed is only checked (never read on the host) when dropout is on.
+DropoutParams make_dropout(double p, const at::Tensor& seed, const at::Tensor& data) {
+  TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1), got ", p);
+  DropoutParams d;
+  if (p == 0.0) return d;
+  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.is_contiguous() &&
+                  seed.device() == data.device(),
+              "seed must be a contiguous int64 tensor of 2 elements [key, counter_base] on ",
+              data.device());
+  d.p = p;
+  d.seed = seed.data_ptr<int64_t>();
+  return d;
+}
+
+Activation parse_activation(c10::string_view name) {
+  if (name == "identity") return Activation::kIdentity;
+  if (name == "relu") return Activation::kRelu;
+  if (name == "gelu") return Activation::kGelu;
+  if (name == "gelu_tanh") return Activation::kGeluTanh;
+  TORCH_CHECK_VALUE(false, "unknown activation '", std::string(name),
+                    "'; expected identity, relu, gelu or gelu_tanh");
+  return Activation::kIdentity;  // unreachable
+}
+
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+at::Tensor workspace(size_t bytes, const at::Tensor& like) {
+  return at::empty({static_cast<int64_t>(bytes)}, like.options().dtype(at::kByte));
+}
+
+at::Tensor residual_op(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha, double p,
+                    const at::Tensor& seed) {
+  check_data(x, "x");
+  check_data(fx, "fx");
+  check_same(x, fx, "x", "fx");
+  check_vector(alpha, x, "alpha", /*allow_scalar=*/true);
+  const DropoutParams d = make_dropout(p, seed, x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
+  if (x.numel() == 0) return y;
+  C10_CUDA_CHECK(residual_forward(dtype_of(x), y.data_ptr(), x.data_ptr(), fx.data_ptr(),
+                                  alpha.data_ptr(), x.numel(), channels_of(x), alpha.numel(), d,
+                                  current_stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> residual_backward_op(const at::Tensor& grad, const at::Tensor& fx,
+                                                        const at::Tensor& alpha, double p,
+                                                        const at::Tensor& seed) {
+  check_data(grad, "grad");
+  check_data(fx, "fx");
+  check_same(grad, fx, "grad", "fx");
+  check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
+  const DropoutParams d = make_dropout(p, seed, fx);
+  const c10::cuda::CUDAGuard guard(fx.device());
+  at::Tensor grad_fx = at::empty_like(fx, at::MemoryFormat::Contiguous);
+  if (fx.numel() == 0) return {grad_fx, at::zeros_like(alpha)};
+  at::Tensor grad_alpha = at::empty_like(alpha);
+  const DType dt = dtype_of(fx);
+  const at::Tensor ws = workspace(
+      residual_backward_workspace_bytes(dt, fx.numel(), channels_of(fx), alpha.numel(),
+                                        fx.get_device()),
+      fx);
+  C10_CUDA_CHECK(residual_backward(
+      dt, grad_fx.data_ptr(), grad_alpha.data_ptr(), ws.data_ptr(), grad.data_ptr(),
+      fx.data_ptr(), alpha.data_ptr(), fx.numel(), channels_of(fx), alpha.numel(), d,
+      current_stream()));
+  return {grad_fx, grad_alpha};
+}
+
+void check_bias_act(const at::Tensor& h, const at::Tensor& bias) {
+  check_data(h, "h");
+  TORCH_CHECK(h.dim() >= 1, "h must have at least one dimension");
+  check_vector(bias, h, "bias", /*allow_scalar=*/false);
+}
+
+at::Tensor bias_act_dropout_op(const at::Tensor& h, const at::Tensor& bias,
+                               c10::string_view activation, double p, const at::Tensor& seed) {
+  check_bias_act(h, bias);
+  const Activation act = parse_activation(activation);
+  const DropoutParams d = make_dropout(p, seed, h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
+  if (h.numel() == 0) return y;
+  C10_CUDA_CHECK(bias_act_dropout_forward(dtype_of(h), act, y.data_ptr(), h.data_ptr(),
+                                          bias.data_ptr(), h.numel(), channels_of(h), d,
+                                          current_stream()));
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward_op(
+    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& bias,
+    c10::string_view activation, double p, const at::Tensor& seed) {
+  check_bias_act(h, bias);
+  check_data(grad, "grad");
+  check_same(grad, h, "grad", "h");
+  const Activation act = parse_activation(activation);
+  const DropoutParams d = make_dropout(p, seed, h);
+  const c10::cuda::CUDAGuard guard(h.device());
+  at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
+  if (h.numel() == 0) return {grad_h, at::zeros_like(bias)};
+  at::Tensor grad_bias = at::empty_like(bias);
+  const DType dt = dtype_of(h);
+  const at::Tensor ws = workspace(
+      bias_act_dropout_backward_workspace_bytes(dt, h.numel(), channels_of(h), h.get_device()),
+      h);
+  C10_CUDA_CHECK(bias_act_dropout_backward(
+      dt, act, grad_h.data_ptr(), grad_bias.data_ptr(), ws.data_ptr(), grad.data_ptr(),
+      h.data_ptr(), bias.data_ptr(), h.numel(), channels_of(h), d, current_stream()));
+  return {grad_h, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rezero_kernels, CUDA, m) {
+  m.impl("residual", &residual_op);
+  m.impl("residual_backward", &residual_backward_op);
+  m.impl("bias_act_dropout", &bias_act_dropout_op);
+  m.impl("bias_act_dropout_backward", &bias_act_dropout_backward_op);
+}
+
+}  // namespace rezero::cuda
