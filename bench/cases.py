@@ -1,0 +1,410 @@
+"""What is measured: every benchmark case and its baselines, defined once.
+
+The CLI (``python -m bench``) and the pytest-benchmark files (``bench/test_bench_*.py``) both take
+their cases from ``all_cases()``.  A case's ``build(cfg)`` creates its inputs and models (outside
+any timed region) and returns a ``Built``: one zero-argument callable per variant, each doing
+exactly what the case's name says.
+
+Variants (names used in every table and file):
+  ``rezero[<backend>]``  this package's fused op/layer on that backend (``cpu``; ``triton``/``cuda`` on GPU)
+  ``eager``              the ``python_ref`` op/layer in eager PyTorch (the reference)
+  ``compiled``           ``torch.compile`` of the reference (stacks: each layer compiled on its own);
+                         compilation happens in ``build``: ``compile_s`` is its first call, which
+                         compiles unless an earlier case compiled the same code and shapes.  Not in
+                         the ``bwd`` mode: AOTAutograd's donated buffers forbid running a compiled
+                         backward twice on one graph (``retain_graph=True``)
+  ``nn.TEL`` / ``nn.TEL(norm_first)``  torch's ``nn.TransformerEncoderLayer`` (``nn.TransformerDecoderLayer``
+                         for decoder cases), post-norm / pre-norm, same width, heads, dropout, relu
+  ``floor``              the GEMMs (+ ``scaled_dot_product_attention`` for layers) alone: the same
+                         matmuls with no elementwise work, a lower bound for any implementation
+  ``copy``               ``out.copy_(x)`` on the op's tensor size, preallocated: the copy bandwidth
+
+Modes: ``fwd`` is a training forward (inputs require grad, autograd records); ``bwd`` is
+``torch.autograd.grad(out, inputs, grad_out, retain_graph=True)`` on an output computed once in
+``build``; ``fwd+bwd`` / ``train`` is ``torch.autograd.grad(f(*inputs), inputs, grad_out)``
+(gradients are returned, never accumulated into ``.grad``); ``infer`` is ``eval()`` under
+``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch._dynamo.config as dynamo_config
+import torch.nn as nn
+
+import python_ref
+import rezero_kernels as rzk
+from rezero_kernels import functional as fused
+
+from . import roofline, timing
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+OPS = ("rezero_residual", "bias_act_dropout", "rezero_linear")
+OP_MODES = ("fwd", "bwd", "fwd+bwd")
+DROPOUTS = (0.0, 0.1)
+SIZES = ("small", "large")
+ACTIVATION = "gelu"  # bias_act_dropout's activation in the op cases
+DEPTHS = (12, 64, 128)
+
+# one compiled reference op serves 2 dtypes x 2 sizes x several modes: allow the recompiles
+dynamo_config.cache_size_limit = max(dynamo_config.cache_size_limit, 64)
+
+
+@dataclass(frozen=True)
+class Config:
+    device: str = "cpu"
+    backends: tuple = ("cpu",)   # our backends to run
+    compile: bool = True         # include the torch.compile baseline
+    tiny: bool = False           # shrink every size (CI smoke test)
+    seed: int = 0
+
+
+def default_backends(device: str) -> tuple:
+    """Our backends that run on ``device`` (the Triton interpreter is a test vehicle, not timed)."""
+    avail = rzk.backends()
+    wanted = ("triton", "cuda") if device.startswith("cuda") else ("cpu",)
+    return tuple(b for b in wanted if avail.get(b))
+
+
+@dataclass
+class Built:
+    variants: dict                                   # name -> zero-argument callable
+    bytes: dict = field(default_factory=dict)        # name -> bytes moved per call (roofline)
+    compile_s: dict = field(default_factory=dict)    # name -> seconds of compilation
+    saved: dict = field(default_factory=dict)        # name -> (forward callable, params to exclude)
+    tokens: int | None = None                        # tokens per call (layers, stacks)
+    shape: str = ""                                  # human-readable sizes
+    note: str = ""
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str        # unique id, "group/what/mode/dtype/size[/p]"
+    group: str       # "op" | "layer" | "stack"
+    title: str       # short human label
+    params: dict
+    baselines: tuple  # baseline variant names (our backends come from the Config)
+    build: Callable  # build(cfg, only=None) -> Built; ``only``: variant names to build (None: all)
+
+    def variant_names(self, cfg: Config, only=None) -> list:
+        """The variants ``build`` creates: ours, then the baselines (``compiled`` only when
+        ``cfg.compile``), restricted to ``only`` when given."""
+        names = [f"rezero[{b}]" for b in cfg.backends] + [
+            b for b in self.baselines if b != "compiled" or (cfg.compile and self.params.get("mode") != "bwd")]
+        return [n for n in names if only is None or n in only]
+
+
+# ---------------------------------------------------------------------------------------------
+# ops
+
+def op_shape(op: str, dtype: str, size: str, tiny: bool) -> dict:
+    """Small: about 1 MiB per main tensor (stays in cache); large: 32 MiB per main tensor."""
+    elt = torch.finfo(DTYPES[dtype]).bits // 8
+    if tiny:
+        return {"rows": 64, "cols": 256, "k": 64}
+    if size == "small":
+        return {"rows": 256 * 4 // elt, "cols": 1024, "k": 256}
+    return {"rows": (32 << 20) // (2048 * elt), "cols": 2048, "k": 512}
+
+
+def _op_bytes(op: str, mode: str, n: int, elt: int):
+    """Bytes an op must move: each input read once, each output written once (None for the
+    GEMM op, whose roofline is its ``floor``).  residual: fwd reads x, fx, writes y; bwd reads
+    grad, fx, writes grad_fx (grad_x is grad itself).  bias_act_dropout: fwd reads h, writes y;
+    bwd reads grad, h, writes grad_h.  Per-channel vectors are negligible and not counted."""
+    per = {"rezero_residual": (3, 3), "bias_act_dropout": (2, 3)}.get(op)
+    if per is None:
+        return None
+    fwd, bwd = per
+    return n * elt * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def _op_inputs(op, dtype, shp, device):
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def t(*shape, dt=dtype):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(device=device, dtype=dt) \
+            .requires_grad_()
+    r, c, k = shp["rows"], shp["cols"], shp["k"]
+    alpha = torch.full((1,), 0.5, device=device, requires_grad=True)
+    if op == "rezero_residual":
+        return (t(r, c), t(r, c), alpha)
+    if op == "bias_act_dropout":
+        return (t(r, c), t(c))
+    return (t(r, c), t(r, k), t(c, k) / k ** 0.5, t(c), alpha)
+
+
+def _op_fn(op: str, p: float, variant: str):
+    """f(*inputs) for one variant of one op."""
+    if variant.startswith("rezero["):
+        b = variant[len("rezero["):-1]
+        return {"rezero_residual": lambda x, fx, a: fused.rezero_residual(x, fx, a, p, True, b),
+                "bias_act_dropout": lambda h, bias: fused.bias_act_dropout(h, bias, ACTIVATION, p, True, b),
+                "rezero_linear": lambda x, i, w, bias, a: fused.rezero_linear(x, i, w, bias, a, p, True, b),
+                }[op]
+    return {"rezero_residual": lambda x, fx, a: python_ref.rezero_residual(x, fx, a, p, True),
+            "bias_act_dropout": lambda h, bias: python_ref.bias_act_dropout(h, bias, ACTIVATION, p, True),
+            "rezero_linear": lambda x, i, w, bias, a: python_ref.rezero_linear(x, i, w, bias, a, p, True),
+            }[op]
+
+
+_COMPILED = {}     # (op, p) -> compiled function, shared by the cases of that op
+_COMPILE_S = {}    # (op, p, dtype, size, tiny) -> seconds of the first fwd+bwd call
+
+
+def _compiled_op(op, p):
+    if (op, p) not in _COMPILED:
+        _COMPILED[(op, p)] = torch.compile(_op_fn(op, p, "eager"), dynamic=False)
+    return _COMPILED[(op, p)]
+
+
+def _mode_call(f, inputs, mode, grad_out=None):
+    """The callable that times ``mode`` of ``f`` on ``inputs``."""
+    if mode == "fwd":
+        return lambda: f(*inputs)
+    if mode == "bwd":
+        out = f(*inputs)  # computed once, outside the timed region
+        return lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(f(*inputs), inputs, grad_out)
+
+
+def _make_op_case(op, mode, dtype, size, p):
+    name = f"op/{op}/{mode}/{dtype}/{size}/p{p:g}"
+    label = {"rezero_residual": "residual", "bias_act_dropout": f"bias+{ACTIVATION}+dropout",
+             "rezero_linear": "linear+residual"}[op]
+    title = f"{label} {mode} {dtype} {size} p={p:g}"
+
+    def build(cfg: Config, only=None) -> Built:
+        want = case.variant_names(cfg, only)
+        shp = op_shape(op, dtype, size, cfg.tiny)
+        inputs = _op_inputs(op, DTYPES[dtype], shp, cfg.device)
+        main = inputs[0]
+        grad_out = torch.randn_like(main) if mode != "fwd" else None
+        elt = main.element_size()
+        n = main.numel()
+        nbytes = _op_bytes(op, mode, n, elt)
+        built = Built({}, shape=f"{shp['rows']}x{shp['cols']}"
+                      + (f" (K={shp['k']})" if op == "rezero_linear" else ""))
+        for v in want:
+            if v.startswith("rezero[") or v == "eager":
+                built.variants[v] = _mode_call(_op_fn(op, p, v), inputs, mode, grad_out)
+            elif v == "compiled":
+                f = _compiled_op(op, p)
+                key = (op, p, dtype, size, cfg.tiny)
+                if key not in _COMPILE_S:  # first fwd+bwd call: compiles both graphs
+                    first = _mode_call(f, inputs, "fwd+bwd", torch.randn_like(main))
+                    _COMPILE_S[key] = timing.once(first, cfg.device)
+                built.compile_s[v] = _COMPILE_S[key]
+                built.variants[v] = _mode_call(f, inputs, mode, grad_out)
+            elif v == "floor":
+                built.variants[v] = roofline.gemm_floor(inputs, mode)
+            elif v == "copy":
+                built.variants[v], built.bytes[v] = roofline.copy_call(main)
+            if nbytes is not None and v != "copy":
+                built.bytes[v] = nbytes
+        return built
+
+    case = Case(name, "op", title, {"op": op, "mode": mode, "dtype": dtype, "size": size,
+                                    "dropout": p},
+                ("eager", "compiled", "floor" if op == "rezero_linear" else "copy"), build)
+    return case
+
+
+# ---------------------------------------------------------------------------------------------
+# layers
+
+@dataclass(frozen=True)
+class LayerShape:
+    d_model: int
+    nhead: int
+    dim_ff: int
+    batch: int
+    seq: int
+    dropout: float = 0.1
+
+    def text(self) -> str:
+        return (f"d{self.d_model} h{self.nhead} ff{self.dim_ff} {self.batch}x{self.seq} tokens "
+                f"p={self.dropout:g}")
+
+
+LAYER = LayerShape(512, 8, 2048, 32, 128)
+STACK_12 = LayerShape(512, 8, 2048, 8, 128)
+STACK_DEEP = LayerShape(128, 4, 512, 8, 64)   # 64 and 128 layers: small width/tokens for CPU
+TINY_LAYER = LayerShape(64, 4, 128, 2, 16)
+TINY_STACK = LayerShape(32, 2, 64, 2, 8)
+
+
+def _layer_kwargs(s: LayerShape, device):
+    return dict(d_model=s.d_model, nhead=s.nhead, dim_feedforward=s.dim_ff, dropout=s.dropout,
+                activation="relu", batch_first=True, device=device)
+
+
+def _reference_layer(kind, s, device):
+    cls = python_ref.RZTXEncoderLayer if kind == "encoder" else python_ref.RZTXDecoderLayer
+    return cls(**_layer_kwargs(s, device), alpha_init=0.5)
+
+
+def _make_layer(variant, kind, s, device, reference):
+    """One layer of ``variant``; ours and the reference's copies share the reference's weights."""
+    if variant.startswith("rezero["):
+        cls = rzk.RZTXEncoderLayer if kind == "encoder" else rzk.RZTXDecoderLayer
+        layer = cls(**_layer_kwargs(s, device), backend=variant[len("rezero["):-1])
+        layer.load_state_dict(reference.state_dict())
+        return layer
+    if variant in ("eager", "compiled"):
+        return copy.deepcopy(reference)
+    if variant.startswith("nn.TEL"):
+        cls = nn.TransformerEncoderLayer if kind == "encoder" else nn.TransformerDecoderLayer
+        return cls(**_layer_kwargs(s, device), norm_first=variant.endswith("(norm_first)"))
+    raise ValueError(variant)
+
+
+def _layer_call(model, args, train: bool, grad_out):
+    if train:
+        inputs = [a for a in args if a.requires_grad] + [p for p in model.parameters()
+                                                          if p.requires_grad]
+        unused = isinstance(model, roofline.LayerFloor)  # the floor leaves the ReZero gates out
+        return lambda: torch.autograd.grad(model(*args), inputs, grad_out, allow_unused=unused)
+
+    def infer():
+        with torch.no_grad():
+            return model(*args)
+    return infer
+
+
+def _make_layer_case(kind, mode):
+    name = f"layer/{kind}/{mode}/fp32"
+    title = f"{kind} layer {'training step' if mode == 'train' else 'inference'}"
+
+    def build(cfg: Config, only=None) -> Built:
+        s = TINY_LAYER if cfg.tiny else LAYER
+        train = mode == "train"
+        want = case.variant_names(cfg, only)
+        torch.manual_seed(cfg.seed)
+        reference = _reference_layer(kind, s, cfg.device)
+        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, requires_grad=train)
+        args = (x,) if kind == "encoder" else (
+            x, torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, requires_grad=train))
+        grad_out = torch.randn_like(x) if train else None
+        built = Built({}, tokens=s.batch * s.seq, shape=s.text())
+        for v in want:
+            model = roofline.LayerFloor(reference) if v == "floor" else _make_layer(v, kind, s, cfg.device,
+                                                                        reference)
+            model.train(train)
+            if v == "compiled":
+                model = torch.compile(model, dynamic=False)
+            call = _layer_call(model, args, train, grad_out)
+            if v == "compiled":
+                built.compile_s[v] = timing.once(call, cfg.device)
+            built.variants[v] = call
+            if train and v not in ("compiled", "floor"):
+                built.saved[v] = (lambda model=model: model(*args), list(model.parameters()))
+        return built
+
+    case = Case(name, "layer", title, {"kind": kind, "mode": mode, "dtype": "fp32"},
+                ("eager", "compiled", "nn.TEL", "nn.TEL(norm_first)", "floor"), build)
+    return case
+
+
+# ---------------------------------------------------------------------------------------------
+# stacks
+
+class Stack(nn.Module):
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+def stack_shape(depth: int, tiny: bool) -> LayerShape:
+    return TINY_STACK if tiny else (STACK_12 if depth <= 12 else STACK_DEEP)
+
+
+def _make_stack_case(depth):
+    name = f"stack/encoder{depth}/train/fp32"
+    title = f"{depth}-layer encoder stack training step"
+
+    def build(cfg: Config, only=None) -> Built:
+        s = stack_shape(depth, cfg.tiny)
+        want = case.variant_names(cfg, only)
+        torch.manual_seed(cfg.seed)
+        refs = [_reference_layer("encoder", s, cfg.device) for _ in range(depth)]
+        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device)
+        grad_out = torch.randn_like(x)
+        built = Built({}, tokens=s.batch * s.seq, shape=f"{depth} layers, {s.text()}",
+                      note="training step = forward + autograd.grad w.r.t. all parameters "
+                           "(no optimizer); compiled = each layer torch.compile'd")
+        for v in want:
+            layers = [_make_layer(v, "encoder", s, cfg.device, r) for r in refs]
+            if v == "compiled":
+                for layer in layers:
+                    layer.compile(dynamic=False)  # all layers share one compiled graph
+            model = Stack(layers).train()
+            call = _layer_call(model, (x,), True, grad_out)
+            if v == "compiled":
+                built.compile_s[v] = timing.once(call, cfg.device)
+            built.variants[v] = call
+            if v != "compiled":
+                built.saved[v] = (lambda model=model: model(x), list(model.parameters()))
+        return built
+
+    case = Case(name, "stack", title, {"depth": depth, "mode": "train", "dtype": "fp32"},
+                ("eager", "compiled", "nn.TEL", "nn.TEL(norm_first)"), build)
+    return case
+
+
+# ---------------------------------------------------------------------------------------------
+
+def all_cases() -> list:
+    cases = [_make_op_case(op, mode, dt, size, p) for op in OPS for mode in OP_MODES
+             for dt in DTYPES for size in SIZES for p in DROPOUTS]
+    cases += [_make_layer_case(kind, mode) for kind in ("encoder", "decoder")
+              for mode in ("train", "infer")]
+    cases += [_make_stack_case(d) for d in DEPTHS]
+    return headline_first(cases)
+
+
+# The headline (first table of ``--quick``, the demo), in this order.
+HEADLINE = (
+    "op/rezero_residual/fwd+bwd/fp32/large/p0",
+    "op/rezero_residual/fwd+bwd/fp32/large/p0.1",
+    "layer/encoder/train/fp32",
+)
+# ``--quick``: the headline, the roofline of the residual forward, and a 64-layer stack.
+QUICK = HEADLINE + (
+    "op/rezero_residual/fwd/fp32/large/p0",
+    "stack/encoder64/train/fp32",
+)
+
+
+def headline_first(cases):
+    order = {n: i for i, n in enumerate(HEADLINE)}
+    return sorted(cases, key=lambda c: order.get(c.name, len(order)))
+
+
+def by_name(name: str) -> Case:
+    for c in all_cases():
+        if c.name == name:
+            return c
+    raise KeyError(name)
+
+
+def select(quick: bool, pattern: str | None = None) -> list:
+    """The cases of a run: ``QUICK`` or all, then those whose name matches ``pattern``
+    (a regular expression, searched)."""
+    import re
+    cases = all_cases()
+    if quick:
+        cases = [c for c in cases if c.name in QUICK]
+        cases.sort(key=lambda c: QUICK.index(c.name))
+    if pattern:
+        rx = re.compile(pattern)
+        cases = [c for c in cases if rx.search(c.name)]
+    return cases

@@ -1,0 +1,101 @@
+"""The performance targets, checked against a run's result rows: PASS/MISS with the shortfall,
+or n/a when the run did not measure the case (e.g. filtered out)."""
+from __future__ import annotations
+
+RES_FWD = "op/rezero_residual/fwd/fp32/large/p0"
+RES_FB = "op/rezero_residual/fwd+bwd/fp32/large/p{p}"
+LAYER_TRAIN = "layer/encoder/train/fp32"
+STACK_64 = "stack/encoder64/train/fp32"
+
+
+def _row(rows, case, variant):
+    for r in rows:
+        if r["case"] == case and r["variant"] == variant:
+            return r
+    return None
+
+
+def _ours(rows, case):
+    return [r for r in rows if r["case"] == case and r["variant"].startswith("rezero[")]
+
+
+def _check(name, variant, measured, required, ok, shortfall):
+    return {"target": name, "variant": variant, "measured": measured, "required": required,
+            "status": "PASS" if ok else "MISS", "shortfall": "" if ok else shortfall}
+
+
+def _na(name, why):
+    return {"target": name, "variant": "", "measured": "", "required": "", "status": "n/a",
+            "shortfall": why}
+
+
+def evaluate(rows) -> list:
+    out = []
+
+    # residual forward >= 85% of the copy bandwidth (same size, same run)
+    name = "residual fwd bandwidth >= 85% of copy (fp32, 32 MiB)"
+    copy = _row(rows, RES_FWD, "copy")
+    ours = _ours(rows, RES_FWD)
+    if copy and ours and copy.get("gbps"):
+        for r in ours:
+            frac = r["gbps"] / copy["gbps"]
+            out.append(_check(name, r["variant"],
+                              f"{r['gbps']:.1f} GB/s = {frac:.0%} of copy {copy['gbps']:.1f} GB/s",
+                              ">= 85%", frac >= 0.85, f"{0.85 - frac:.0%} of copy short"))
+    else:
+        out.append(_na(name, "case not run"))
+
+    # residual fwd+bwd speed-up over eager
+    for p, need in ((0, 2.0), (0.1, 5.0)):
+        name = f"residual fwd+bwd >= {need:g}x eager, p={p:g} (fp32, 32 MiB)"
+        ours = _ours(rows, RES_FB.format(p=f"{p:g}"))
+        if not ours:
+            out.append(_na(name, "case not run"))
+        for r in ours:
+            s = r["speedup_vs_eager"]
+            out.append(_check(name, r["variant"], f"{s:.2f}x", f">= {need:g}x", s >= need,
+                              f"{need - s:.2f}x short ({1 - s / need:.0%})"))
+
+    # layer training step: >= 1.3x the reference, within 1.15x of the GEMM+attention floor
+    ours = _ours(rows, LAYER_TRAIN)
+    if not ours:
+        out.append(_na("encoder layer training step", "case not run"))
+    for r in ours:
+        s = r["speedup_vs_eager"]
+        out.append(_check("layer train step >= 1.3x reference (d512 h8 ff2048 p0.1 32x128)",
+                          r["variant"], f"{s:.2f}x", ">= 1.3x", s >= 1.3,
+                          f"{1.3 - s:.2f}x short ({1 - s / 1.3:.0%})"))
+        f = r.get("x_floor")
+        if f:
+            out.append(_check("layer train step <= 1.15x its GEMM+attention floor", r["variant"],
+                              f"{f:.2f}x floor", "<= 1.15x", f <= 1.15,
+                              f"{f - 1.15:.2f}x of floor over"))
+
+    # 64-layer stack faster than torch.compile'd reference and nn.TransformerEncoderLayer stacks
+    ours = _ours(rows, STACK_64)
+    if not ours:
+        out.append(_na("64-layer stack training step", "case not run"))
+    for r in ours:
+        for base in ("compiled", "nn.TEL", "nn.TEL(norm_first)"):
+            b = _row(rows, STACK_64, base)
+            name = f"64-layer stack train step faster than {base}"
+            if b is None:
+                out.append(_na(name, f"{base} not run" + (" (--quick skips torch.compile; "
+                                                          "use --compile)" if base == "compiled"
+                                                          else "")))
+                continue
+            s = b["median_ms"] / r["median_ms"]
+            out.append(_check(name, r["variant"], f"{s:.2f}x", "> 1x", s > 1.0,
+                              f"{1 / s - 1:.0%} slower"))
+
+    # bytes saved for backward per layer below the reference's
+    for case in sorted({r["case"] for r in rows if r.get("saved_bytes_per_layer") is not None}):
+        ref = _row(rows, case, "eager")
+        for r in _ours(rows, case):
+            if ref is None or r.get("saved_bytes_per_layer") is None:
+                continue
+            a, b = r["saved_bytes_per_layer"], ref["saved_bytes_per_layer"]
+            out.append(_check(f"saved-for-backward per layer < reference ({case})", r["variant"],
+                              f"{a / 2**20:.2f} MiB vs {b / 2**20:.2f} MiB ({a / b:.0%})",
+                              "< reference", a < b, f"{(a - b) / 2**20:.2f} MiB over"))
+    return out

@@ -1,0 +1,62 @@
+"""CI smoke test of the benchmark CLI: ``python -m bench --quick --tiny`` runs end to end and
+writes its table, JSON, CSV and PNG.  No timing is asserted (toy sizes, shared machines)."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_quick_tiny(tmp_path):
+    pytest.importorskip("matplotlib")
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)  # the interpreter is a test vehicle, not a benchmark backend
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--tiny", "--threads", "1", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = res.stdout
+    for heading in ("== Headline", "== Targets ==", "== All results"):
+        assert heading in text, text
+    assert "allocator:" in text and "speed-up" in text
+
+    data = json.loads((out / "results.json").read_text())
+    meta = data["meta"]
+    for key in ("cpu_model", "cpu_count", "torch", "triton", "git_commit", "allocator", "threads"):
+        assert key in meta
+    assert meta["tiny"] and meta["quick"] and meta["threads"] == 1
+    variants = {(r["case"], r["variant"]) for r in data["results"]}
+    assert ("op/rezero_residual/fwd+bwd/fp32/large/p0.1", "eager") in variants
+    assert ("layer/encoder/train/fp32", "floor") in variants
+    assert ("op/rezero_residual/fwd/fp32/large/p0", "copy") in variants
+    assert any(v.startswith("rezero[") for _, v in variants)
+    assert all(r["median_ms"] > 0 for r in data["results"])
+    assert {t["status"] for t in data["targets"]} <= {"PASS", "MISS", "n/a"}
+    layer = [r for r in data["results"] if r["case"] == "layer/encoder/train/fp32"
+             and r["variant"] == "eager"][0]
+    assert layer["saved_bytes_per_layer"] > 0 and layer["peak_bytes"] > 0
+
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(data["results"]) and "speedup_vs_eager" in rows[0]
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_tuned_malloc_is_recorded(tmp_path):
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "REZERO_BENCH_TUNED_MALLOC"):
+        env.pop(k, None)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--tuned-malloc", "--no-peak", "--no-compile", "--threads",
+           "1", "--filter", "^op/rezero_residual/fwd/fp32/small/p0$", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    alloc = json.loads((out / "results.json").read_text())["meta"]["allocator"]
+    assert alloc["tuned_malloc_flag"] and alloc["mmap_threshold_set"]
+    assert alloc["env"]["MALLOC_MMAP_THRESHOLD_"] == "17179869184"
