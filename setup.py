@@ -70,7 +70,10 @@ setup(
     # CUDA build and replace the installed one.  Install torch first (README).
     install_requires=["numpy"],
     extras_require={"triton": ["triton>=3.6"],
-                    "test": ["pytest", "pytest-benchmark", "expecttest", "rezero==0.1.0"]},
+                    "plot": ["matplotlib"],
+                    "bench": ["scikit-learn", "gensim", "matplotlib"],
+                    "test": ["pytest", "pytest-benchmark", "expecttest", "rezero==0.1.0",
+                             "scikit-learn", "gensim", "matplotlib"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

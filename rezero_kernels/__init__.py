@@ -4,10 +4,13 @@
     layer = rzk.RZTXEncoderLayer(d_model=512, nhead=8, dim_feedforward=2048, dropout=0.1,
                                  batch_first=True)
 """
-from . import functional
+from . import blocks, diagnostics, functional
+from .blocks import ReZeroBasicBlock, ReZeroFCBlock, rezero_fc_net, rezero_resnet
 from .dispatch import backends
 from .gate import ReZero
 from .transformer import RZTXDecoderLayer, RZTXEncoderLayer
 
-__all__ = ["functional", "backends", "ReZero", "RZTXEncoderLayer", "RZTXDecoderLayer"]
+__all__ = ["functional", "backends", "ReZero", "RZTXEncoderLayer", "RZTXDecoderLayer",
+           "blocks", "diagnostics", "ReZeroFCBlock", "rezero_fc_net", "ReZeroBasicBlock",
+           "rezero_resnet"]
 __version__ = "0.1.0"
