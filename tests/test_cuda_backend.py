@@ -18,7 +18,7 @@ import torch
 
 import python_ref
 import rezero_kernels as rzk
-from parity import LOW_PRECISION_FACTOR, TIGHT
+from parity import check_results
 
 if not (torch.cuda.is_available() and rzk.backends()["cuda"]):
     pytest.skip("needs a GPU and rezero_kernels built with its CUDA kernels (REZERO_CUDA=1)",
@@ -83,18 +83,7 @@ def assert_parity(kernel_fn, ref_fn, inputs, grad_out, dtype, contiguous=True, n
     for label, g in zip(labels, got):
         assert g.device.type == "cuda", f"{label} left the GPU"
         assert torch.isfinite(g).all(), f"{label} is not finite"
-    if dtype in TIGHT:
-        for label, g, r in zip(labels, got, ref):
-            torch.testing.assert_close(g.double(), r, **TIGHT[dtype], msg=lambda m: f"{label}: {m}")
-        return
-    eager = run(ref_fn, cast, grad_out.to(dtype))
-    ulp = torch.finfo(dtype).eps
-    for label, g, e, r in zip(labels, got, eager, ref):
-        err_kernel = (g.double() - r).abs().max().item()
-        err_eager = (e.double() - r).abs().max().item()
-        bound = LOW_PRECISION_FACTOR * err_eager + ulp * r.abs().max().item()
-        assert err_kernel <= bound, (f"{label}: {dtype} kernel error {err_kernel:.3g} exceeds "
-                                     f"{LOW_PRECISION_FACTOR} x eager error {err_eager:.3g} + 1 ulp")
+    check_results(labels, got, ref, dtype, lambda: run(ref_fn, cast, grad_out.to(dtype)))
 
 
 def seeded(fn):

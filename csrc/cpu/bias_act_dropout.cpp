@@ -13,17 +13,6 @@
 namespace rezero::cpu {
 namespace {
 
-enum class Act { kIdentity, kRelu, kGelu, kGeluTanh };
-
-Act parse_activation(const std::string& name) {
-  if (name == "identity") return Act::kIdentity;
-  if (name == "relu") return Act::kRelu;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  TORCH_CHECK_VALUE(false, "unknown activation '", name,
-                    "'; expected identity, relu, gelu or gelu_tanh");
-}
-
 // z[j] <- act(z[j]) (kGrad false) or act'(z[j]) (kGrad true), for j < n.
 template <Act kAct, bool kGrad, typename M>
 void activate(M* z, int64_t n) {
@@ -95,7 +84,7 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
 
 template <bool kGrad>
 void run(at::Tensor& out, at::Tensor* grad_bias, const at::Tensor* grad, const at::Tensor& h,
-         const at::Tensor& bias, const std::string& activation, const Dropout& d) {
+         const at::Tensor& bias, c10::string_view activation, const Dropout& d) {
   const Act act = parse_activation(activation);
   const auto l = RowLayout::make(h.numel(), channels_of(h), /*per_channel=*/true);
   dispatch_float_types(h.scalar_type(), [&](auto t) {
@@ -130,9 +119,9 @@ void check_inputs(const at::Tensor& h, const at::Tensor& bias) {
 at::Tensor bias_act_dropout(const at::Tensor& h, const at::Tensor& bias,
                             c10::string_view activation, double p, const at::Tensor& seed) {
   check_inputs(h, bias);
-  const Dropout d = make_dropout(p, seed);
+  const Dropout d = make_dropout(p, seed, h);
   at::Tensor y = at::empty_like(h);
-  if (h.numel() > 0) run<false>(y, nullptr, nullptr, h, bias, std::string(activation), d);
+  if (h.numel() > 0) run<false>(y, nullptr, nullptr, h, bias, activation, d);
   return y;
 }
 
@@ -142,10 +131,10 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward(
   check_inputs(h, bias);
   check_data(grad, "grad");
   check_same(grad, h, "grad", "h");
-  const Dropout d = make_dropout(p, seed);
+  const Dropout d = make_dropout(p, seed, h);
   at::Tensor grad_h = at::empty_like(h);
   at::Tensor grad_bias = at::zeros_like(bias);
-  if (h.numel() > 0) run<true>(grad_h, &grad_bias, &grad, h, bias, std::string(activation), d);
+  if (h.numel() > 0) run<true>(grad_h, &grad_bias, &grad, h, bias, activation, d);
   return {grad_h, grad_bias};
 }
 

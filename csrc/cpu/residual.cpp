@@ -102,7 +102,7 @@ at::Tensor residual(const at::Tensor& x, const at::Tensor& fx, const at::Tensor&
   check_data(fx, "fx");
   check_same(x, fx, "x", "fx");
   check_vector(alpha, x, "alpha", /*allow_scalar=*/true);
-  const Dropout d = make_dropout(p, seed);
+  const Dropout d = make_dropout(p, seed, x);
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   dispatch_residual(x, alpha, d, [&](auto t, auto pc, auto dr) {
@@ -118,7 +118,7 @@ std::tuple<at::Tensor, at::Tensor> residual_backward(const at::Tensor& grad, con
   check_data(fx, "fx");
   check_same(grad, fx, "grad", "fx");
   check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
-  const Dropout d = make_dropout(p, seed);
+  const Dropout d = make_dropout(p, seed, fx);
   at::Tensor grad_fx = at::empty_like(fx);
   at::Tensor grad_alpha = at::zeros_like(alpha);
   if (fx.numel() == 0) return {grad_fx, grad_alpha};
