@@ -312,16 +312,6 @@ def _make_layer_case(kind, mode):
 # ---------------------------------------------------------------------------------------------
 # stacks
 
-class Stack(nn.Module):
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
-
 
 def stack_shape(depth: int, tiny: bool) -> LayerShape:
     return TINY_STACK if tiny else (STACK_12 if depth <= 12 else STACK_DEEP)
@@ -346,7 +336,7 @@ def _make_stack_case(depth):
             if v == "compiled":
                 for layer in layers:
                     layer.compile(dynamic=False)  # all layers share one compiled graph
-            model = Stack(layers).train()
+            model = nn.Sequential(*layers).train()
             call = _layer_call(model, (x,), True, grad_out)
             if v == "compiled":
                 built.compile_s[v] = timing.once(call, cfg.device)

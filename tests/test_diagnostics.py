@@ -4,24 +4,13 @@ import pytest
 import torch
 import torch.nn as nn
 
-import python_ref
 import rezero_kernels
 from rezero_kernels.blocks import ReZeroFCBlock
 from rezero_kernels.diagnostics import (AlphaRecorder, gate_parameters, jacobian,
                                         jacobian_singular_values)
 
-RZTXEncoderLayer = getattr(rezero_kernels, "RZTXEncoderLayer", python_ref.RZTXEncoderLayer)
+RZTXEncoderLayer = rezero_kernels.RZTXEncoderLayer
 
-
-class Stack(nn.Module):
-    def __init__(self, layers):
-        super().__init__()
-        self.layers = nn.ModuleList(layers)
-
-    def forward(self, x):
-        for layer in self.layers:
-            x = layer(x)
-        return x
 
 
 def test_jacobian_of_linear_map_is_its_weight():
@@ -35,7 +24,7 @@ def test_jacobian_of_linear_map_is_its_weight():
 
 def test_rezero_transformer_stack_is_isometric_at_init():
     torch.manual_seed(0)
-    stack = Stack([RZTXEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+    stack = nn.Sequential(*[RZTXEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
                    for _ in range(64)])
     stack.train()
     x = torch.randn(1, 4, 16)
@@ -54,7 +43,7 @@ def test_rezero_fc_stack_is_isometric_at_init():
 
 def test_post_norm_stack_is_not_isometric():
     torch.manual_seed(0)
-    stack = Stack([nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
+    stack = nn.Sequential(*[nn.TransformerEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True)
                    for _ in range(64)])
     sv = jacobian_singular_values(stack, torch.randn(1, 8, 16))
     assert sv.max().item() / sv.min().item() > 1.5
@@ -84,7 +73,7 @@ def _train_and_record(model, steps=5):
 
 def test_alpha_recorder_history():
     torch.manual_seed(0)
-    model = Stack([RZTXEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, share_alpha=False)
+    model = nn.Sequential(*[RZTXEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, share_alpha=False)
                    for _ in range(3)])
     rec = _train_and_record(model)
     assert rec.names == [n for n, _ in gate_parameters(model)]
