@@ -109,6 +109,17 @@ torch.library.register_autograd("rezero_kernels::linear_residual", _linear_resid
                                 setup_context=lambda ctx, inputs, output: _keep(ctx, inputs, (1, 2, 3, 4, 6)))
 
 
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError("rezero_kernels: double backward (create_graph=True, then a second "
+                              "backward through the gradient) is not implemented for the "
+                              "fused ops; use backend='torch' for it")
+
+
+for _name in ("residual_backward", "bias_act_dropout_backward", "linear_residual_backward"):
+    torch.library.register_autograd(f"rezero_kernels::{_name}", _no_double_backward,
+                                    setup_context=lambda ctx, inputs, output: None)
+
+
 # --- the backend interface (see dispatch.py) ---------------------------------------------
 
 def rezero_residual(x, fx, alpha, dropout_p):

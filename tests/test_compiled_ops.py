@@ -121,3 +121,15 @@ def test_autocast_bf16_matches_reference_under_autocast():
     assert err_f <= 2 * err_r + 1e-3, (err_f, err_r)
     out_f.float().sum().backward()
     assert fused.resweight.grad.dtype == torch.float32 and fused.linear1.weight.grad is not None
+
+
+@pytest.mark.parametrize("op", ["residual", "bias_act", "linear"])
+def test_double_backward_is_a_clear_error(op):
+    x, fx = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    alpha, w = torch.ones(1, requires_grad=True), torch.randn(8, 8, requires_grad=True)
+    out = {"residual": lambda: F.rezero_residual(x, fx, alpha, 0.1),
+           "bias_act": lambda: F.bias_act_dropout(fx, alpha.expand(8), "gelu", 0.1),
+           "linear": lambda: F.rezero_linear(x, fx, w, None, alpha, 0.1)}[op]()
+    (grad,) = torch.autograd.grad(out.sum(), (fx,), create_graph=True)
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(grad.sum(), (alpha,))
