@@ -67,8 +67,9 @@ def _(grad, inp, weight, bias, alpha, p, seed):
 # --- autograd ---------------------------------------------------------------------------
 
 def _keep(ctx, inputs, saved_positions):
+    """Save inputs[saved_positions] for backward; the dropout p is the input before the seed."""
     ctx.save_for_backward(*(inputs[i] for i in saved_positions))
-    ctx.p = next(v for v in inputs if isinstance(v, float))
+    ctx.p = inputs[-2]
 
 
 def _residual_backward(ctx, grad):
