@@ -72,6 +72,8 @@ void store_backward(T* __restrict gh, M* __restrict acc, const M* __restrict g,
   }
 }
 
+constexpr int64_t kSub = 64;
+
 // One kernel for both directions: forward writes y; backward writes grad_h and the per-block
 // column sums of grad_h into partials.
 template <typename T, Act kAct, bool kDropout, bool kGrad>
@@ -80,18 +82,24 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
   using M = at::opmath_type<T>;
   parallel_blocks(l, [&](int64_t b, int64_t r0, int64_t r1) {
     ScaleBuffer<M> buf;
-    M z[kTile], gz[kGrad ? kTile : 1];
+    M z[kSub], gz[kSub];
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
-      if constexpr (kGrad)
-        add_bias_load_grad(z, gz, h + s, bias + col, grad + s, n);
-      else
-        add_bias(z, h + s, bias + col, n);
-      activate<kAct, kGrad>(z, n);
-      if constexpr (kGrad)
-        store_backward<T, M, kDropout>(out + s, partials + b * l.width + col, gz, z, m, n);
-      else
-        store_forward<T, M, kDropout>(out + s, z, m, n);
+      // Short sub-pieces keep the loads, the activation and the stores of one sub-piece
+      // within the out-of-order window, so memory and math overlap.
+      for (int64_t o = 0; o < n; o += kSub) {
+        const int64_t k = std::min(kSub, n - o), i = s + o;
+        if constexpr (kGrad)
+          add_bias_load_grad(z, gz, h + i, bias + col + o, grad + i, k);
+        else
+          add_bias(z, h + i, bias + col + o, k);
+        activate<kAct, kGrad>(z, k);
+        if constexpr (kGrad)
+          store_backward<T, M, kDropout>(out + i, partials + b * l.width + col + o, gz, z,
+                                         kDropout ? m + o : nullptr, k);
+        else
+          store_forward<T, M, kDropout>(out + i, z, kDropout ? m + o : nullptr, k);
+      }
     });
   });
 }
