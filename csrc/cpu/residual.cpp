@@ -5,34 +5,50 @@
 #include <ATen/Dispatch.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "op_args.h"
+#include "vec.h"
 
 namespace rezero::cpu {
 namespace {
 
-template <typename T, typename M, bool kPerChannel, bool kDropout>
-void forward_piece(T* __restrict y, const T* __restrict x, const T* __restrict f,
+// Runs fill(out) for an output piece of n values: straight into dst when T is the math type,
+// else into a buffer that at::vec rounds into dst (a scalar float -> bfloat16/half rounding
+// loop does not vectorise).
+template <typename T, typename M, class Fill>
+inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
+  if constexpr (std::is_same_v<T, M>) {
+    fill(dst);
+  } else {
+    M tmp[kTile];
+    fill(tmp);
+    at::vec::convert(tmp, dst, n);
+  }
+}
+
+template <typename T, typename O, typename M, bool kPerChannel, bool kDropout>
+void forward_piece(O* __restrict y, const T* __restrict x, const T* __restrict f,
                    const M* __restrict a, const M* __restrict m, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     M v = static_cast<M>(f[j]) * (kPerChannel ? a[j] : a[0]);
     if constexpr (kDropout) v *= m[j];
-    y[j] = static_cast<T>(static_cast<M>(x[j]) + v);
+    y[j] = static_cast<O>(static_cast<M>(x[j]) + v);
   }
 }
 
 // Writes grad_fx for the piece; returns its contribution to a scalar grad_alpha, or adds it
 // per channel to acc.
-template <typename T, typename M, bool kPerChannel, bool kDropout>
-M backward_piece(T* __restrict gf, M* __restrict acc, const T* __restrict g,
+template <typename T, typename O, typename M, bool kPerChannel, bool kDropout>
+M backward_piece(O* __restrict gf, M* __restrict acc, const T* __restrict g,
                  const T* __restrict f, const M* __restrict a, const M* __restrict m, int64_t n) {
   M total = 0;
 #pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < n; ++j) {
     M gj = static_cast<M>(g[j]);
     if constexpr (kDropout) gj *= m[j];
-    gf[j] = static_cast<T>(gj * (kPerChannel ? a[j] : a[0]));
+    gf[j] = static_cast<O>(gj * (kPerChannel ? a[j] : a[0]));
     const M contribution = gj * static_cast<M>(f[j]);
     if constexpr (kPerChannel) acc[j] += contribution;
     else total += contribution;
@@ -53,8 +69,11 @@ void forward_kernel(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx,
     ScaleBuffer<M> buf;
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
-      forward_piece<T, M, kPerChannel, kDropout>(yp + s, xp + s, fp + s,
-                                                 ap + (kPerChannel ? col : 0), m, n);
+      write_rounded<T, M>(yp + s, n, [&](auto* out) {
+        using O = std::remove_pointer_t<decltype(out)>;
+        forward_piece<T, O, M, kPerChannel, kDropout>(out, xp + s, fp + s,
+                                                      ap + (kPerChannel ? col : 0), m, n);
+      });
     });
   });
 }
@@ -76,8 +95,12 @@ void backward_kernel(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tens
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
       const M* a = ap + (kPerChannel ? col : 0);
-      const M total = backward_piece<T, M, kPerChannel, kDropout>(
-          gfp + s, acc + (kPerChannel ? col : 0), gp + s, fp + s, a, m, n);
+      M total = 0;
+      write_rounded<T, M>(gfp + s, n, [&](auto* out) {
+        using O = std::remove_pointer_t<decltype(out)>;
+        total = backward_piece<T, O, M, kPerChannel, kDropout>(
+            out, acc + (kPerChannel ? col : 0), gp + s, fp + s, a, m, n);
+      });
       if constexpr (!kPerChannel) acc[0] += total;
     });
   });
