@@ -67,12 +67,15 @@ void forward_kernel(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx,
   const M* ap = alpha.data_ptr<M>();
   parallel_blocks(l, [&](int64_t, int64_t r0, int64_t r1) {
     ScaleBuffer<M> buf;
+    M xbuf[std::is_same_v<T, M> ? 1 : kTile], fbuf[std::is_same_v<T, M> ? 1 : kTile];
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
+      const M* xs = read_math(xp + s, xbuf, n);
+      const M* fs = read_math(fp + s, fbuf, n);
       write_rounded<T, M>(yp + s, n, [&](auto* out) {
         using O = std::remove_pointer_t<decltype(out)>;
-        forward_piece<T, O, M, kPerChannel, kDropout>(out, xp + s, fp + s,
-                                                      ap + (kPerChannel ? col : 0), m, n);
+        forward_piece<M, O, M, kPerChannel, kDropout>(out, xs, fs, ap + (kPerChannel ? col : 0),
+                                                      m, n);
       });
     });
   });
@@ -91,15 +94,18 @@ void backward_kernel(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tens
   const M* ap = alpha.data_ptr<M>();
   parallel_blocks(l, [&](int64_t b, int64_t r0, int64_t r1) {
     ScaleBuffer<M> buf;
+    M gbuf[std::is_same_v<T, M> ? 1 : kTile], fbuf[std::is_same_v<T, M> ? 1 : kTile];
     M* acc = partials.data() + b * len;
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
       const M* a = ap + (kPerChannel ? col : 0);
+      const M* gs = read_math(gp + s, gbuf, n);
+      const M* fs = read_math(fp + s, fbuf, n);
       M total = 0;
       write_rounded<T, M>(gfp + s, n, [&](auto* out) {
         using O = std::remove_pointer_t<decltype(out)>;
-        total = backward_piece<T, O, M, kPerChannel, kDropout>(
-            out, acc + (kPerChannel ? col : 0), gp + s, fp + s, a, m, n);
+        total = backward_piece<M, O, M, kPerChannel, kDropout>(
+            out, acc + (kPerChannel ? col : 0), gs, fs, a, m, n);
       });
       if constexpr (!kPerChannel) acc[0] += total;
     });

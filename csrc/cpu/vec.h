@@ -12,4 +12,31 @@
 #define CPU_CAPABILITY_AVX2
 #endif
 #endif
+#include <ATen/cpu/vec/functional.h>  // convert_to_float for bfloat16/half
 #include <ATen/cpu/vec/vec.h>
+
+#include <type_traits>
+
+namespace rezero::cpu {
+
+// src as the math type M: src itself when T is M, else widened into buf with at::vec
+// (a scalar half -> float loop does not vectorise).
+template <typename T, typename M>
+inline const M* read_math(const T* src, M* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, M>) {
+    return src;
+  } else {
+    using VT = at::vec::Vectorized<T>;
+    using VM = at::vec::Vectorized<M>;
+    int64_t j = 0;
+    for (; j + VT::size() <= n; j += VT::size()) {
+      auto [lo, hi] = at::vec::convert_to_float<T>(VT::loadu(src + j));
+      lo.store(buf + j);
+      hi.store(buf + j + VM::size());
+    }
+    for (; j < n; ++j) buf[j] = static_cast<M>(src[j]);
+    return buf;
+  }
+}
+
+}  // namespace rezero::cpu
