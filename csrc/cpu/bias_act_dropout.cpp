@@ -5,6 +5,7 @@
 #include <torch/library.h>
 
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "op_args.h"
@@ -83,22 +84,28 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
   parallel_blocks(l, [&](int64_t b, int64_t r0, int64_t r1) {
     ScaleBuffer<M> buf;
     M z[kSub], gz[kSub];
+    constexpr int64_t kWiden = std::is_same_v<T, M> ? 1 : kSub;
+    M hb[kWiden], gb[kWiden];  // bfloat16/half inputs widened to M
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
       // Short sub-pieces keep the loads, the activation and the stores of one sub-piece
       // within the out-of-order window, so memory and math overlap.
       for (int64_t o = 0; o < n; o += kSub) {
         const int64_t k = std::min(kSub, n - o), i = s + o;
+        const M* hs = read_math(h + i, hb, k);
         if constexpr (kGrad)
-          add_bias_load_grad(z, gz, h + i, bias + col + o, grad + i, k);
+          add_bias_load_grad(z, gz, hs, bias + col + o, read_math(grad + i, gb, k), k);
         else
-          add_bias(z, h + i, bias + col + o, k);
+          add_bias(z, hs, bias + col + o, k);
         activate<kAct, kGrad>(z, k);
-        if constexpr (kGrad)
-          store_backward<T, M, kDropout>(out + i, partials + b * l.width + col + o, gz, z,
-                                         kDropout ? m + o : nullptr, k);
-        else
-          store_forward<T, M, kDropout>(out + i, z, kDropout ? m + o : nullptr, k);
+        write_rounded<T, M>(out + i, k, [&](auto* dst) {
+          using O = std::remove_pointer_t<decltype(dst)>;
+          if constexpr (kGrad)
+            store_backward<O, M, kDropout>(dst, partials + b * l.width + col + o, gz, z,
+                                           kDropout ? m + o : nullptr, k);
+          else
+            store_forward<O, M, kDropout>(dst, z, kDropout ? m + o : nullptr, k);
+        });
       }
     });
   });

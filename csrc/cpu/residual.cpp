@@ -14,20 +14,6 @@
 namespace rezero::cpu {
 namespace {
 
-// Runs fill(out) for an output piece of n values: straight into dst when T is the math type,
-// else into a buffer that at::vec rounds into dst (a scalar float -> bfloat16/half rounding
-// loop does not vectorise).
-template <typename T, typename M, class Fill>
-inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
-  if constexpr (std::is_same_v<T, M>) {
-    fill(dst);
-  } else {
-    M tmp[kTile];
-    fill(tmp);
-    at::vec::convert(tmp, dst, n);
-  }
-}
-
 template <typename T, typename O, typename M, bool kPerChannel, bool kDropout>
 void forward_piece(O* __restrict y, const T* __restrict x, const T* __restrict f,
                    const M* __restrict a, const M* __restrict m, int64_t n) {

@@ -17,6 +17,8 @@
 
 #include <type_traits>
 
+#include "row_loop.h"  // kTile
+
 namespace rezero::cpu {
 
 // src as the math type M: src itself when T is M, else widened into buf with at::vec
@@ -36,6 +38,20 @@ inline const M* read_math(const T* src, M* buf, int64_t n) {
     }
     for (; j < n; ++j) buf[j] = static_cast<M>(src[j]);
     return buf;
+  }
+}
+
+// Runs fill(out) for an output piece of n values: straight into dst when T is the math type,
+// else into a buffer that at::vec rounds into dst (a scalar float -> bfloat16/half rounding
+// loop does not vectorise).
+template <typename T, typename M, class Fill>
+inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
+  if constexpr (std::is_same_v<T, M>) {
+    fill(dst);
+  } else {
+    M tmp[kTile];
+    fill(tmp);
+    at::vec::convert(tmp, dst, n);
   }
 }
 
