@@ -51,6 +51,27 @@ inline void check_dropout(double p, const at::Tensor& seed, const at::Tensor& da
               data.device());
 }
 
+// residual(x, fx, alpha) and residual_backward(grad, fx, alpha): `a` is x or grad.
+inline void check_residual_args(const at::Tensor& a, const char* a_name, const at::Tensor& fx,
+                                const at::Tensor& alpha, c10::DeviceType device) {
+  check_data(a, a_name, device);
+  check_data(fx, "fx", device);
+  check_same(a, fx, a_name, "fx");
+  check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
+}
+
+// bias_act_dropout(h, bias) and, with grad, its backward.
+inline void check_bias_act_args(const at::Tensor& h, const at::Tensor& bias,
+                                const at::Tensor* grad, c10::DeviceType device) {
+  check_data(h, "h", device);
+  TORCH_CHECK(h.dim() >= 1, "h must have at least one dimension");
+  check_vector(bias, h, "bias", /*allow_scalar=*/false);
+  if (grad != nullptr) {
+    check_data(*grad, "grad", device);
+    check_same(*grad, h, "grad", "h");
+  }
+}
+
 // The activations every backend implements, in this order.
 enum class Act { kIdentity, kRelu, kGelu, kGeluTanh };
 

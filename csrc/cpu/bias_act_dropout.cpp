@@ -139,15 +139,9 @@ void run(at::Tensor& out, at::Tensor* grad_bias, const at::Tensor* grad, const a
   });
 }
 
-void check_inputs(const at::Tensor& h, const at::Tensor& bias) {
-  check_data(h, "h");
-  TORCH_CHECK(h.dim() >= 1, "h must have at least one dimension");
-  check_vector(bias, h, "bias", /*allow_scalar=*/false);
-}
-
 at::Tensor bias_act_dropout(const at::Tensor& h, const at::Tensor& bias,
                             c10::string_view activation, double p, const at::Tensor& seed) {
-  check_inputs(h, bias);
+  check_bias_act_args(h, bias, nullptr, c10::DeviceType::CPU);
   const Dropout d = make_dropout(p, seed, h);
   at::Tensor y = at::empty_like(h);
   if (h.numel() > 0) run<false>(y, nullptr, nullptr, h, bias, activation, d);
@@ -157,9 +151,7 @@ at::Tensor bias_act_dropout(const at::Tensor& h, const at::Tensor& bias,
 std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& bias,
     c10::string_view activation, double p, const at::Tensor& seed) {
-  check_inputs(h, bias);
-  check_data(grad, "grad");
-  check_same(grad, h, "grad", "h");
+  check_bias_act_args(h, bias, &grad, c10::DeviceType::CPU);
   const Dropout d = make_dropout(p, seed, h);
   at::Tensor grad_h = at::empty_like(h);
   at::Tensor grad_bias = at::zeros_like(bias);

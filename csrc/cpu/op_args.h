@@ -11,10 +11,6 @@
 
 namespace rezero::cpu {
 
-inline void check_data(const at::Tensor& t, const char* name) {
-  rezero::check_data(t, name, c10::DeviceType::CPU);
-}
-
 // Calls f(T{}) for T the C++ type of dtype st (float, double, BFloat16, Half).
 template <class F>
 void dispatch_float_types(at::ScalarType st, const F& f) {

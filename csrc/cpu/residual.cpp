@@ -113,10 +113,7 @@ void dispatch_residual(const at::Tensor& data, const at::Tensor& alpha, const Dr
 
 at::Tensor residual(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha, double p,
                     const at::Tensor& seed) {
-  check_data(x, "x");
-  check_data(fx, "fx");
-  check_same(x, fx, "x", "fx");
-  check_vector(alpha, x, "alpha", /*allow_scalar=*/true);
+  check_residual_args(x, "x", fx, alpha, c10::DeviceType::CPU);
   const Dropout d = make_dropout(p, seed, x);
   at::Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
@@ -129,10 +126,7 @@ at::Tensor residual(const at::Tensor& x, const at::Tensor& fx, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> residual_backward(const at::Tensor& grad, const at::Tensor& fx,
                                                      const at::Tensor& alpha, double p,
                                                      const at::Tensor& seed) {
-  check_data(grad, "grad");
-  check_data(fx, "fx");
-  check_same(grad, fx, "grad", "fx");
-  check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
+  check_residual_args(grad, "grad", fx, alpha, c10::DeviceType::CPU);
   const Dropout d = make_dropout(p, seed, fx);
   at::Tensor grad_fx = at::empty_like(fx);
   at::Tensor grad_alpha = at::zeros_like(alpha);

@@ -32,10 +32,6 @@ DType dtype_of(const at::Tensor& t) {
   return DType::kFloat32;  // unreachable
 }
 
-void check_data(const at::Tensor& t, const char* name) {
-  rezero::check_data(t, name, c10::DeviceType::CUDA);
-}
-
 // The seed is only checked (never read on the host) when dropout is on.
 DropoutParams make_dropout(double p, const at::Tensor& seed, const at::Tensor& data) {
   check_dropout(p, seed, data);
@@ -62,10 +58,7 @@ at::Tensor workspace(size_t bytes, const at::Tensor& like) {
 
 at::Tensor residual_op(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha, double p,
                     const at::Tensor& seed) {
-  check_data(x, "x");
-  check_data(fx, "fx");
-  check_same(x, fx, "x", "fx");
-  check_vector(alpha, x, "alpha", /*allow_scalar=*/true);
+  check_residual_args(x, "x", fx, alpha, c10::DeviceType::CUDA);
   const DropoutParams d = make_dropout(p, seed, x);
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor y = at::empty_like(x, at::MemoryFormat::Contiguous);
@@ -79,10 +72,7 @@ at::Tensor residual_op(const at::Tensor& x, const at::Tensor& fx, const at::Tens
 std::tuple<at::Tensor, at::Tensor> residual_backward_op(const at::Tensor& grad, const at::Tensor& fx,
                                                         const at::Tensor& alpha, double p,
                                                         const at::Tensor& seed) {
-  check_data(grad, "grad");
-  check_data(fx, "fx");
-  check_same(grad, fx, "grad", "fx");
-  check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
+  check_residual_args(grad, "grad", fx, alpha, c10::DeviceType::CUDA);
   const DropoutParams d = make_dropout(p, seed, fx);
   const c10::cuda::CUDAGuard guard(fx.device());
   at::Tensor grad_fx = at::empty_like(fx, at::MemoryFormat::Contiguous);
@@ -100,15 +90,9 @@ std::tuple<at::Tensor, at::Tensor> residual_backward_op(const at::Tensor& grad, 
   return {grad_fx, grad_alpha};
 }
 
-void check_bias_act(const at::Tensor& h, const at::Tensor& bias) {
-  check_data(h, "h");
-  TORCH_CHECK(h.dim() >= 1, "h must have at least one dimension");
-  check_vector(bias, h, "bias", /*allow_scalar=*/false);
-}
-
 at::Tensor bias_act_dropout_op(const at::Tensor& h, const at::Tensor& bias,
                                c10::string_view activation, double p, const at::Tensor& seed) {
-  check_bias_act(h, bias);
+  check_bias_act_args(h, bias, nullptr, c10::DeviceType::CUDA);
   const Activation act = parse_activation(activation);
   const DropoutParams d = make_dropout(p, seed, h);
   const c10::cuda::CUDAGuard guard(h.device());
@@ -123,9 +107,7 @@ at::Tensor bias_act_dropout_op(const at::Tensor& h, const at::Tensor& bias,
 std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward_op(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& bias,
     c10::string_view activation, double p, const at::Tensor& seed) {
-  check_bias_act(h, bias);
-  check_data(grad, "grad");
-  check_same(grad, h, "grad", "h");
+  check_bias_act_args(h, bias, &grad, c10::DeviceType::CUDA);
   const Activation act = parse_activation(activation);
   const DropoutParams d = make_dropout(p, seed, h);
   const c10::cuda::CUDAGuard guard(h.device());
