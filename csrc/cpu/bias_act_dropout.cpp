@@ -41,19 +41,19 @@ void activate(M* z, int64_t n) {
   }
 }
 
-template <typename T, typename M>
-void add_bias(M* __restrict z, const T* __restrict h, const M* __restrict b, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) z[j] = static_cast<M>(h[j]) + b[j];
+template <typename M>
+void add_bias(M* __restrict z, const M* __restrict h, const M* __restrict b, int64_t n) {
+  for (int64_t j = 0; j < n; ++j) z[j] = h[j] + b[j];
 }
 
 // add_bias, and grad copied beside it: reading both input streams in one loop keeps the
 // hardware prefetchers on both (reading them in separate loops halved the bandwidth).
-template <typename T, typename M>
-void add_bias_load_grad(M* __restrict z, M* __restrict gz, const T* __restrict h,
-                        const M* __restrict b, const T* __restrict g, int64_t n) {
+template <typename M>
+void add_bias_load_grad(M* __restrict z, M* __restrict gz, const M* __restrict h,
+                        const M* __restrict b, const M* __restrict g, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    z[j] = static_cast<M>(h[j]) + b[j];
-    gz[j] = static_cast<M>(g[j]);
+    z[j] = h[j] + b[j];
+    gz[j] = g[j];
   }
 }
 

@@ -14,28 +14,29 @@
 namespace rezero::cpu {
 namespace {
 
-template <typename T, typename O, typename M, bool kPerChannel, bool kDropout>
-void forward_piece(O* __restrict y, const T* __restrict x, const T* __restrict f,
+// Inputs arrive in the math type M (read_math); O is T or M (write_rounded).
+template <typename O, typename M, bool kPerChannel, bool kDropout>
+void forward_piece(O* __restrict y, const M* __restrict x, const M* __restrict f,
                    const M* __restrict a, const M* __restrict m, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
-    M v = static_cast<M>(f[j]) * (kPerChannel ? a[j] : a[0]);
+    M v = f[j] * (kPerChannel ? a[j] : a[0]);
     if constexpr (kDropout) v *= m[j];
-    y[j] = static_cast<O>(static_cast<M>(x[j]) + v);
+    y[j] = static_cast<O>(x[j] + v);
   }
 }
 
 // Writes grad_fx for the piece; returns its contribution to a scalar grad_alpha, or adds it
 // per channel to acc.
-template <typename T, typename O, typename M, bool kPerChannel, bool kDropout>
-M backward_piece(O* __restrict gf, M* __restrict acc, const T* __restrict g,
-                 const T* __restrict f, const M* __restrict a, const M* __restrict m, int64_t n) {
+template <typename O, typename M, bool kPerChannel, bool kDropout>
+M backward_piece(O* __restrict gf, M* __restrict acc, const M* __restrict g,
+                 const M* __restrict f, const M* __restrict a, const M* __restrict m, int64_t n) {
   M total = 0;
 #pragma omp simd reduction(+ : total)
   for (int64_t j = 0; j < n; ++j) {
-    M gj = static_cast<M>(g[j]);
+    M gj = g[j];
     if constexpr (kDropout) gj *= m[j];
     gf[j] = static_cast<O>(gj * (kPerChannel ? a[j] : a[0]));
-    const M contribution = gj * static_cast<M>(f[j]);
+    const M contribution = gj * f[j];
     if constexpr (kPerChannel) acc[j] += contribution;
     else total += contribution;
   }
@@ -60,7 +61,7 @@ void forward_kernel(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx,
       const M* fs = read_math(fp + s, fbuf, n);
       write_rounded<T, M>(yp + s, n, [&](auto* out) {
         using O = std::remove_pointer_t<decltype(out)>;
-        forward_piece<M, O, M, kPerChannel, kDropout>(out, xs, fs, ap + (kPerChannel ? col : 0),
+        forward_piece<O, M, kPerChannel, kDropout>(out, xs, fs, ap + (kPerChannel ? col : 0),
                                                       m, n);
       });
     });
@@ -90,7 +91,7 @@ void backward_kernel(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tens
       M total = 0;
       write_rounded<T, M>(gfp + s, n, [&](auto* out) {
         using O = std::remove_pointer_t<decltype(out)>;
-        total = backward_piece<M, O, M, kPerChannel, kDropout>(
+        total = backward_piece<O, M, kPerChannel, kDropout>(
             out, acc + (kPerChannel ? col : 0), gs, fs, a, m, n);
       });
       if constexpr (!kPerChannel) acc[0] += total;
