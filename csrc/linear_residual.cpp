@@ -10,7 +10,11 @@
 // (summed over rows for a scalar alpha).  So only inp, weight, bias, alpha and the seed are kept.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
+
+#include <array>
+#include <tuple>
 
 namespace rezero {
 namespace {
@@ -42,8 +46,7 @@ void check_args(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& we
   TORCH_CHECK(inp.dim() >= 1 && inp.size(-1) == weight.size(1), "inp's last dimension must be ",
               weight.size(1), ", got ", inp.sizes());
   TORCH_CHECK(x.dim() == inp.dim() && x.size(-1) == weight.size(0) &&
-                  x.numel() / std::max<int64_t>(x.size(-1), 1) ==
-                      inp.numel() / std::max<int64_t>(inp.size(-1), 1),
+                  x.sizes().slice(0, x.dim() - 1).equals(inp.sizes().slice(0, inp.dim() - 1)),
               "x must have inp's leading dimensions and weight's out_features, got ", x.sizes());
   TORCH_CHECK(bias.dim() == 1 && bias.size(0) == weight.size(0), "bias must have ",
               weight.size(0), " elements, got ", bias.sizes());
@@ -51,32 +54,43 @@ void check_args(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& we
               "inp, weight and bias must share one dtype");
 }
 
+// inp as a (rows, in_features) matrix; rows from the leading dimensions, so in_features == 0
+// works (the GEMM is then just the bias).
+at::Tensor as_matrix(const at::Tensor& t) {
+  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
+}
+
 at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& alpha, double p,
                            const at::Tensor& seed) {
   check_args(x, inp, weight, bias);
-  at::Tensor f = at::addmm(bias, inp.reshape({-1, weight.size(1)}), weight.t());
+  at::Tensor f = at::addmm(bias, as_matrix(inp), weight.t());
   f = f.view(x.sizes()).to(x.scalar_type());
   return residual_op(x, f, alpha, p, seed);
 }
 
+// mask says which of (grad_inp, grad_weight, grad_bias, grad_alpha) to compute; the others are
+// returned undefined, and their GEMMs and reductions are skipped.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backward(
     const at::Tensor& grad, const at::Tensor& inp, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& alpha, double p, const at::Tensor& seed) {
+    const at::Tensor& bias, const at::Tensor& alpha, double p, const at::Tensor& seed,
+    std::array<bool, 4> mask) {
   check_args(grad, inp, weight, bias);
-  const int64_t n_out = weight.size(0), n_in = weight.size(1);
+  const int64_t n_out = weight.size(0);
   auto [dy, colsum] = dropout_grad_op(grad, p, seed, at::zeros({n_out}, alpha.options()));
-  const at::Tensor dy2 = dy.reshape({-1, n_out}).to(weight.scalar_type());
-  const at::Tensor inp2 = inp.reshape({-1, n_in});
-  const at::Tensor g = at::mm(dy2.t(), inp2);  // (out, in)
+  const at::Tensor dy2 = as_matrix(dy).to(weight.scalar_type());
   const at::Tensor alpha_rows = alpha.view({-1, 1});
-  const at::Tensor grad_weight = (g * alpha_rows).to(weight.scalar_type());
-  const at::Tensor grad_inp = at::mm(dy2, (weight * alpha_rows).to(weight.scalar_type()))
-                                  .view(inp.sizes());
-  const at::Tensor grad_bias = (colsum * alpha).to(bias.scalar_type());
-  at::Tensor per_row = (weight.to(alpha.scalar_type()) * g.to(alpha.scalar_type())).sum(1) +
-                       bias.to(alpha.scalar_type()) * colsum;
-  at::Tensor grad_alpha = alpha.numel() == 1 ? per_row.sum().reshape({1}) : per_row;
+  at::Tensor grad_inp, grad_weight, grad_bias, grad_alpha, g;
+  if (mask[1] || mask[3]) g = at::mm(dy2.t(), as_matrix(inp));  // (out, in)
+  if (mask[0])
+    grad_inp = at::mm(dy2, (weight * alpha_rows).to(weight.scalar_type())).view(inp.sizes());
+  if (mask[1]) grad_weight = (g * alpha_rows).to(weight.scalar_type());
+  if (mask[2]) grad_bias = (colsum * alpha).to(bias.scalar_type());
+  if (mask[3]) {
+    const at::Tensor per_row = (weight.to(alpha.scalar_type()) * g.to(alpha.scalar_type())).sum(1) +
+                               bias.to(alpha.scalar_type()) * colsum;
+    grad_alpha = alpha.numel() == 1 ? per_row.sum().reshape({1}) : per_row;
+  }
   return {grad_inp, grad_weight, grad_bias, grad_alpha};
 }
 

@@ -1,6 +1,8 @@
-// Argument checks shared by the CPU and CUDA op bindings.  The Python wrappers already
-// guarantee these conventions (see ops.cpp); the checks guard direct callers of
-// torch.ops.rezero_kernels.*.
+// The conventions of the op schemas (ops.cpp), written once: as predicates, which the eager fast
+// path (fast_path.cpp) uses to decide whether inputs can go straight to an op, and as checks,
+// which the CPU and CUDA op bindings use to guard direct callers of torch.ops.rezero_kernels.*.
+// The Python wrappers (rezero_kernels/validation.py) turn any other input into this form or
+// raise an error that names the problem.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -8,45 +10,85 @@
 
 namespace rezero {
 
-inline void check_data(const at::Tensor& t, const char* name, c10::DeviceType device) {
-  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device),
-              " tensor, got ", t.device());
-  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble ||
-                  t.scalar_type() == at::kBFloat16 || t.scalar_type() == at::kHalf,
-              name, " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+inline bool is_float_type(at::ScalarType st) {
+  return st == at::kFloat || st == at::kDouble || st == at::kBFloat16 || st == at::kHalf;
 }
 
-inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
-  TORCH_CHECK(a.sizes() == b.sizes(), an, " and ", bn, " must have the same shape, got ",
-              a.sizes(), " and ", b.sizes());
-  TORCH_CHECK(a.scalar_type() == b.scalar_type(), an, " and ", bn,
-              " must have the same dtype, got ", a.scalar_type(), " and ", b.scalar_type());
-  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on the same device, got ",
-              a.device(), " and ", b.device());
+// float64 data computes in float64, every other type in float32.
+inline at::ScalarType math_type(at::ScalarType data) {
+  return data == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 inline int64_t channels_of(const at::Tensor& t) { return t.dim() == 0 ? 1 : t.size(-1); }
 
-// A length-1 or length-C vector in the math dtype of `data` (float32; float64 for float64).
-inline void check_vector(const at::Tensor& v, const at::Tensor& data, const char* name,
-                         bool allow_scalar) {
-  const auto math = data.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(v.dim() == 1 && v.is_contiguous() && v.device() == data.device(), name,
-              " must be a contiguous 1-D tensor on ", data.device());
-  TORCH_CHECK(v.numel() == channels_of(data) || (allow_scalar && v.numel() == 1), name,
-              " must have ", allow_scalar ? "1 or " : "", channels_of(data), " elements, got ",
-              v.numel());
-  TORCH_CHECK(v.scalar_type() == math, name, " must be ", math, " for ", data.scalar_type(),
-              " data, got ", v.scalar_type());
+// A data tensor: contiguous, of a float type.
+inline bool is_data(const at::Tensor& t) { return is_float_type(t.scalar_type()) && t.is_contiguous(); }
+
+// a and b: same shape, dtype and device.
+inline bool is_like(const at::Tensor& a, const at::Tensor& b) {
+  return a.scalar_type() == b.scalar_type() && a.device() == b.device() && a.sizes().equals(b.sizes());
 }
 
-// p in [0, 1); when p > 0, seed is [key, counter_base] (int64) on the data's device.
+// alpha or bias of `data`: a contiguous 1-D vector in data's math type on data's device, of
+// length channels_of(data) (or 1 when allow_scalar).
+inline bool is_vector(const at::Tensor& v, at::ScalarType data_type, c10::Device device,
+                      int64_t channels, bool allow_scalar) {
+  return v.dim() == 1 && v.is_contiguous() && v.device() == device &&
+         v.scalar_type() == math_type(data_type) &&
+         (v.size(0) == channels || (allow_scalar && v.size(0) == 1));
+}
+
+inline bool is_vector(const at::Tensor& v, const at::Tensor& data, bool allow_scalar) {
+  return is_vector(v, data.scalar_type(), data.device(), channels_of(data), allow_scalar);
+}
+
+// p in [0, 1); when p > 0, seed is [key, counter_base] (int64, contiguous) on the data's device.
+inline bool is_dropout(double p, const at::Tensor& seed, const at::Tensor& data) {
+  if (!(p >= 0.0 && p < 1.0)) return false;
+  return p == 0.0 || (seed.defined() && seed.scalar_type() == at::kLong && seed.numel() == 2 &&
+                      seed.is_contiguous() && seed.device() == data.device());
+}
+
+// The activations every backend implements, in this order.
+enum class Act { kIdentity, kRelu, kGelu, kGeluTanh };
+
+// false for an unknown name.
+inline bool lookup_activation(c10::string_view name, Act* act) {
+  if (name == "identity") *act = Act::kIdentity;
+  else if (name == "relu") *act = Act::kRelu;
+  else if (name == "gelu") *act = Act::kGelu;
+  else if (name == "gelu_tanh") *act = Act::kGeluTanh;
+  else return false;
+  return true;
+}
+
+// --- the checks of the op bindings -------------------------------------------------------
+
+inline void check_data(const at::Tensor& t, const char* name, c10::DeviceType device) {
+  TORCH_CHECK(t.device().type() == device, name, " must be a ", c10::DeviceTypeName(device),
+              " tensor, got ", t.device());
+  TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK(is_float_type(t.scalar_type()), name,
+              " must be float32, float64, bfloat16 or float16, got ", t.scalar_type());
+}
+
+inline void check_same(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(is_like(a, b), an, " and ", bn, " must have the same shape, dtype and device, got ",
+              a.sizes(), " ", a.scalar_type(), " ", a.device(), " and ", b.sizes(), " ",
+              b.scalar_type(), " ", b.device());
+}
+
+inline void check_vector(const at::Tensor& v, const at::Tensor& data, const char* name,
+                         bool allow_scalar) {
+  TORCH_CHECK(is_vector(v, data, allow_scalar), name, " must be a contiguous 1-D ",
+              math_type(data.scalar_type()), " tensor of ", allow_scalar ? "1 or " : "",
+              channels_of(data), " elements on ", data.device(), " for ", data.scalar_type(),
+              " data, got ", v.sizes(), " ", v.scalar_type(), " on ", v.device());
+}
+
 inline void check_dropout(double p, const at::Tensor& seed, const at::Tensor& data) {
   TORCH_CHECK(p >= 0.0 && p < 1.0, "dropout probability must be in [0, 1), got ", p);
-  if (p == 0.0) return;
-  TORCH_CHECK(seed.scalar_type() == at::kLong && seed.numel() == 2 && seed.is_contiguous() &&
-                  seed.device() == data.device(),
+  TORCH_CHECK(is_dropout(p, seed, data),
               "seed must be a contiguous int64 tensor of 2 elements [key, counter_base] on ",
               data.device());
 }
@@ -72,16 +114,11 @@ inline void check_bias_act_args(const at::Tensor& h, const at::Tensor& bias,
   }
 }
 
-// The activations every backend implements, in this order.
-enum class Act { kIdentity, kRelu, kGelu, kGeluTanh };
-
 inline Act parse_activation(c10::string_view name) {
-  if (name == "identity") return Act::kIdentity;
-  if (name == "relu") return Act::kRelu;
-  if (name == "gelu") return Act::kGelu;
-  if (name == "gelu_tanh") return Act::kGeluTanh;
-  TORCH_CHECK_VALUE(false, "unknown activation '", std::string(name),
+  Act act = Act::kIdentity;
+  TORCH_CHECK_VALUE(lookup_activation(name, &act), "unknown activation '", std::string(name),
                     "'; expected identity, relu, gelu or gelu_tanh");
+  return act;
 }
 
 }  // namespace rezero

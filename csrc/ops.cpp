@@ -1,6 +1,7 @@
 // The op schemas: declared once here; each device registers its kernels for them
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/binding.cpp for CUDA).  Fake (meta) kernels and autograd
-// live in rezero_kernels/compiled_ops.py.
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/binding.cpp for CUDA, linear_residual.cpp for both);
+// autograd.cpp registers their autograd, rezero_kernels/compiled_ops.py their fake (meta)
+// kernels, and fast_path.cpp is the Python module rezero_kernels._C (the eager entry points).
 //
 // Conventions every kernel can rely on (rezero_kernels/compiled_ops.py makes them hold):
 //  * data tensors are contiguous, of one dtype (float32, float64, bfloat16 or float16), viewed
@@ -9,7 +10,9 @@
 //    "math" dtype (float32, or float64 for float64 data); gradients of them come back in it;
 //  * seed is an int64 tensor [key, counter_base] on the data's device: dropout element i is
 //    kept iff Philox4x32-10(key, counter = counter_base * 2^64 + i / 4)[i % 4] < (1-p) * 2^32;
-//  * p in [0, 1); p == 0 takes the no-dropout path and never reads seed.
+//  * p in [0, 1); p == 0 takes the no-dropout path and never reads seed (the callers pass an
+//    empty tensor).
+// op_checks.h states these conventions once, as predicates and as checks.
 #include <torch/library.h>
 
 TORCH_LIBRARY(rezero_kernels, m) {
@@ -21,14 +24,8 @@ TORCH_LIBRARY(rezero_kernels, m) {
         " Tensor seed) -> (Tensor grad_h, Tensor grad_bias)");
   m.def("linear_residual(Tensor x, Tensor inp, Tensor weight, Tensor bias, Tensor alpha, float p,"
         " Tensor seed) -> Tensor");
+  // output_mask: which of the four gradients to compute (the others come back undefined).
   m.def("linear_residual_backward(Tensor grad, Tensor inp, Tensor weight, Tensor bias,"
-        " Tensor alpha, float p, Tensor seed)"
+        " Tensor alpha, float p, Tensor seed, bool[4] output_mask)"
         " -> (Tensor grad_inp, Tensor grad_weight, Tensor grad_bias, Tensor grad_alpha)");
-}
-
-// `import rezero_kernels._C` loads this library (and so registers the ops); it has no Python API.
-#include <Python.h>
-extern "C" PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module_def);
 }

@@ -116,3 +116,39 @@ def select(requested: str, device: torch.device) -> str:
 def implementation(name: str):
     """The module implementing backend ``name`` (a name ``select`` returned)."""
     return _IMPLEMENTATIONS[name]
+
+
+def _fast_paths() -> dict:
+    """{(backend asked for, tensor is on CUDA): the extension module} for every request that
+    ``select`` resolves to the compiled "cpu" or "cuda" backend."""
+    if _IMPLEMENTATIONS["cpu"] is None:
+        return {}
+    from . import _C
+    table = {}
+    for is_cuda, device in ((False, torch.device("cpu")), (True, torch.device("cuda"))):
+        for requested in ("auto", "cpu", "cuda"):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    name = select(requested, device)
+            except (RuntimeError, ValueError):
+                continue
+            if name in ("cpu", "cuda") and _supports_device(name, device):
+                table[requested, is_cuda] = _C
+    _warn_fallback.cache_clear()
+    return table
+
+
+_FAST_PATHS = _fast_paths()
+
+
+def fast_path(requested: str, x):
+    """The compiled backend's eager entry points (``rezero_kernels._C``) when a call with
+    ``backend=requested`` on ``x``'s device runs on it, else None.  Under ``torch.compile`` always
+    None: the ops are then traced through ``torch.ops``."""
+    if torch.compiler.is_compiling():
+        return None
+    try:
+        return _FAST_PATHS.get((requested, x.is_cuda))
+    except (AttributeError, TypeError):  # x is not a tensor, or requested is unhashable
+        return None

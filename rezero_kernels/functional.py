@@ -7,6 +7,12 @@ would; the result has the promoted dtype.  Dropout uses the backend's own counte
 generator seeded from torch's generator, so ``torch.manual_seed`` reproduces a run (the mask of
 one backend is not the mask of another).  ``training=False`` or ``dropout_p=0`` is exactly the
 no-dropout computation.
+
+Each op first offers its arguments to the eager entry point of the compiled backend
+(``dispatch.fast_path``): inputs already in the form the kernels take (plain tensors of one
+dtype, contiguous, on one device, no autocast) go to the op in one C++ call.  Everything else,
+and every call under ``torch.compile``, takes the general path below, which converts the inputs
+or raises an error naming the problem, then runs the chosen backend.
 """
 from __future__ import annotations
 
@@ -17,9 +23,14 @@ from . import validation as check
 
 
 def _gate(alpha, like: torch.Tensor) -> torch.Tensor:
+    """alpha as a 1-element or per-channel tensor; a Python number becomes a tensor in the
+    data's math dtype (float64 for float64 data, so nothing is rounded), a 0-dim tensor one of
+    shape (1,)."""
     if isinstance(alpha, (int, float)) and not isinstance(alpha, bool):
-        return torch.full((1,), float(alpha), dtype=torch.float32, device=like.device)
-    return check.tensor("alpha", alpha)
+        dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return torch.full((1,), float(alpha), dtype=dtype, device=like.device)
+    alpha = check.tensor("alpha", alpha)
+    return alpha.reshape(1) if alpha.dim() == 0 else alpha
 
 
 def _bias(bias, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -30,6 +41,11 @@ def _bias(bias, channels: int, like: torch.Tensor) -> torch.Tensor:
 
 def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, backend="auto"):
     """``x + alpha * dropout(fx)``: the ReZero residual update of one sublayer."""
+    fast = dispatch.fast_path(backend, x)
+    if fast is not None:
+        out = fast.residual(x, fx, alpha, dropout_p, training)
+        if out is not None:
+            return out
     x, fx = check.tensor("x", x), check.tensor("fx", fx)
     alpha = _gate(alpha, x)
     check.same_shape("x", x, "fx", fx)
@@ -46,6 +62,11 @@ def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, b
 
     ``activation`` is one of ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"identity"``.
     """
+    fast = dispatch.fast_path(backend, h)
+    if fast is not None:
+        out = fast.bias_act_dropout(h, bias, activation, dropout_p, training)
+        if out is not None:
+            return out
     h = check.tensor("h", h)
     channels = check.last_dim("h", h)
     bias = _bias(bias, channels, h)
@@ -68,6 +89,11 @@ def _autocast(device: torch.device, *tensors: torch.Tensor):
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, backend="auto"):
     """``x + alpha * dropout(inp @ weight.T + bias)``: a sublayer's output projection and its
     ReZero residual update in one op (``bias`` may be None)."""
+    fast = dispatch.fast_path(backend, x)
+    if fast is not None:
+        out = fast.rezero_linear(x, inp, weight, bias, alpha, dropout_p, training)
+        if out is not None:
+            return out
     x = check.tensor("x", x)
     out_features = check.gemm_operands(inp, weight)
     if x.shape != inp.shape[:-1] + (out_features,):
@@ -91,6 +117,11 @@ def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0,
     """``dropout(act(inp @ weight.T + bias))``: a feed-forward block's first GEMM and its
     epilogue (the Triton backend fuses the epilogue into the GEMM; others run a GEMM, then the
     fused ``bias_act_dropout``)."""
+    fast = dispatch.fast_path(backend, inp)
+    if fast is not None:
+        out = fast.linear_bias_act_dropout(inp, weight, bias, activation, dropout_p, training)
+        if out is not None:
+            return out
     out_features = check.gemm_operands(inp, weight)
     bias = _bias(bias, out_features, weight)
     check.channel_vector("bias", bias, out_features, allow_scalar=False)

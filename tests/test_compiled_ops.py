@@ -77,8 +77,10 @@ def test_backward_ops_opcheck():
     ops = torch.ops.rezero_kernels
     torch.library.opcheck(ops.residual_backward, (g, fx, torch.tensor([0.5]), 0.3, _seed(1)))
     torch.library.opcheck(ops.bias_act_dropout_backward, (g, h, b, "gelu", 0.3, _seed(1)))
-    torch.library.opcheck(ops.linear_residual_backward,
-                          (g, torch.randn(3, 5), torch.randn(8, 5), b, torch.randn(8), 0.3, _seed(1)))
+    for mask in ([True] * 4, [True, False, True, False], [False, True, False, True]):
+        torch.library.opcheck(ops.linear_residual_backward,
+                              (g, torch.randn(3, 5), torch.randn(8, 5), b, torch.randn(8), 0.3,
+                               _seed(1), mask))
 
 
 def test_compile_fullgraph_stack_matches_eager():

@@ -1,0 +1,178 @@
+// rezero_kernels._C: the eager entry points of the "cpu" and "cuda" backends.
+//
+// A fused op exists to save time, and at small sizes (and on a GPU at any size) most of an op's
+// time is spent on the host.  So rezero_kernels.functional hands its arguments straight here:
+// when they already have the form the op schemas expect (op_checks.h), one C++ call draws the
+// dropout seed and runs the op (its autograd is in autograd.cpp).  Anything else (another
+// type, a tensor subclass, mixed dtypes, a strided input, autocast, a bad argument) returns
+// None, and the Python wrapper takes its general path, which converts the inputs or raises an
+// error that names the problem.  Under torch.compile the Python path is always taken.
+#include <ATen/autocast_mode.h>
+#include <torch/extension.h>
+
+#include "op_checks.h"
+
+namespace rezero {
+namespace {
+
+namespace py = pybind11;
+
+// The tensor behind h, or nullptr unless h is exactly a torch.Tensor or nn.Parameter.
+const at::Tensor* tensor(py::handle h) {
+  return THPVariable_CheckExact(h.ptr()) ? &THPVariable_Unpack(h.ptr()) : nullptr;
+}
+
+// The dropout probability the op sees (0 when not training), or -1 when p or training is not a
+// plain float/int and bool, or p is outside [0, 1).
+double probability(py::handle p, py::handle training) {
+  double value = 0.0;
+  if (PyFloat_CheckExact(p.ptr())) value = PyFloat_AS_DOUBLE(p.ptr());
+  else if (PyLong_CheckExact(p.ptr())) value = static_cast<double>(PyLong_AsLong(p.ptr()));
+  else return -1.0;
+  if (!(value >= 0.0 && value < 1.0) || !PyBool_Check(training.ptr())) return -1.0;
+  return training.ptr() == Py_True ? value : 0.0;
+}
+
+// [key, counter_base] from torch's generator for the data's device; without dropout an empty
+// tensor (no memory, never read).
+at::Tensor new_seed(double p, const at::Tensor& like) {
+  const auto options = like.options().dtype(at::kLong);
+  if (p == 0.0) return at::empty({0}, options);
+  return at::randint(0, int64_t{1} << 62, {2}, options);
+}
+
+// A gate or bias vector for data of type `data_type` with `channels` channels on `device`, in
+// the data's math type (a differentiable cast where needed); undefined when v is not one.
+at::Tensor vector_for(const at::Tensor* v, at::ScalarType data_type, c10::Device device,
+                      int64_t channels, bool allow_scalar) {
+  if (v == nullptr || !is_float_type(v->scalar_type())) return at::Tensor();
+  at::Tensor t = (allow_scalar && v->dim() == 0) ? v->reshape({1}) : *v;
+  const auto math = math_type(data_type);
+  if (t.scalar_type() != math && t.device() == device) t = t.to(math);
+  return is_vector(t, data_type, device, channels, allow_scalar) ? t : at::Tensor();
+}
+
+at::Tensor vector_for(const at::Tensor* v, const at::Tensor& data, bool allow_scalar) {
+  return vector_for(v, data.scalar_type(), data.device(), channels_of(data), allow_scalar);
+}
+
+bool on_supported_device(const at::Tensor& t) {
+  return t.device().is_cpu() || t.device().is_cuda();
+}
+
+py::object wrap(at::Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+py::object residual(py::handle x_, py::handle fx_, py::handle alpha_, py::handle p_,
+                    py::handle training) {
+  static const auto impl =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                    const at::Tensor&)>("rezero_kernels::residual");
+  const at::Tensor *x = tensor(x_), *fx = tensor(fx_);
+  const double p = probability(p_, training);
+  if (!x || !fx || p < 0 || !is_data(*x) || !is_like(*x, *fx) || !on_supported_device(*x))
+    return py::none();
+  const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
+  if (!alpha.defined()) return py::none();
+  return wrap(impl.call(*x, *fx, alpha, p, new_seed(p, *x)));
+}
+
+// The activation named by h, or false.
+bool activation_of(py::handle h, std::string* name) {
+  Act act;
+  if (!PyUnicode_CheckExact(h.ptr())) return false;
+  *name = py::cast<std::string>(h);
+  return lookup_activation(*name, &act);
+}
+
+at::Tensor call_bias_act(const at::Tensor& h, const at::Tensor& bias, const std::string& act,
+                         double p) {
+  static const auto impl =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double,
+                    const at::Tensor&)>("rezero_kernels::bias_act_dropout");
+  return impl.call(h, bias, act, p, new_seed(p, h));
+}
+
+py::object bias_act_dropout(py::handle h_, py::handle bias_, py::handle activation,
+                            py::handle p_, py::handle training) {
+  const at::Tensor* h = tensor(h_);
+  const double p = probability(p_, training);
+  std::string act;
+  if (!h || p < 0 || !activation_of(activation, &act) || !is_data(*h) || h->dim() == 0 ||
+      !on_supported_device(*h))
+    return py::none();
+  const at::Tensor bias = bias_.is_none()
+                              ? at::zeros({channels_of(*h)}, h->options().dtype(math_type(h->scalar_type())))
+                              : vector_for(tensor(bias_), *h, /*allow_scalar=*/false);
+  if (!bias.defined()) return py::none();
+  return wrap(call_bias_act(*h, bias, act, p));
+}
+
+// bias=None of a GEMM: zeros of the weight's dtype (as the general path adds); undefined when
+// a bias was given or weight is not a matrix.
+at::Tensor zeros_for(py::handle bias, const at::Tensor* weight) {
+  if (!bias.is_none() || !weight || weight->dim() != 2) return at::Tensor();
+  return at::zeros({weight->size(0)}, weight->options());
+}
+
+// inp, weight and bias of a GEMM: one float dtype, one device, weight 2-D and matching inp, no
+// autocast to apply.
+bool is_gemm(const at::Tensor* inp, const at::Tensor* weight, const at::Tensor* bias) {
+  if (!inp || !weight || !bias || !bias->defined() || !on_supported_device(*inp)) return false;
+  const auto st = inp->scalar_type();
+  return is_float_type(st) && weight->scalar_type() == st && bias->scalar_type() == st &&
+         weight->device() == inp->device() && bias->device() == inp->device() &&
+         weight->dim() == 2 && inp->dim() >= 1 && inp->size(-1) == weight->size(1) &&
+         bias->dim() == 1 && bias->size(0) == weight->size(0) &&
+         !at::autocast::is_autocast_enabled(inp->device().type());
+}
+
+py::object rezero_linear(py::handle x_, py::handle inp_, py::handle weight_, py::handle bias_,
+                         py::handle alpha_, py::handle p_, py::handle training) {
+  static const auto impl =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                    const at::Tensor&, double, const at::Tensor&)>("rezero_kernels::linear_residual");
+  const at::Tensor *x = tensor(x_), *inp = tensor(inp_), *weight = tensor(weight_);
+  const double p = probability(p_, training);
+  const at::Tensor zero_bias = zeros_for(bias_, weight);
+  const at::Tensor* bias = bias_.is_none() ? &zero_bias : tensor(bias_);
+  if (!x || p < 0 || !is_gemm(inp, weight, bias) || !is_data(*x) ||
+      x->scalar_type() != inp->scalar_type() || x->device() != inp->device() ||
+      x->dim() != inp->dim() || x->size(-1) != weight->size(0) ||
+      !x->sizes().slice(0, x->dim() - 1).equals(inp->sizes().slice(0, inp->dim() - 1)))
+    return py::none();
+  const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
+  if (!alpha.defined()) return py::none();
+  return wrap(impl.call(*x, *inp, *weight, *bias, alpha, p, new_seed(p, *x)));
+}
+
+py::object linear_bias_act_dropout(py::handle inp_, py::handle weight_, py::handle bias_,
+                                   py::handle activation, py::handle p_, py::handle training) {
+  const at::Tensor *inp = tensor(inp_), *weight = tensor(weight_);
+  const at::Tensor zero_bias = zeros_for(bias_, weight);
+  const at::Tensor* bias_in = bias_.is_none() ? &zero_bias : tensor(bias_);
+  const double p = probability(p_, training);
+  std::string act;
+  if (p < 0 || !is_gemm(inp, weight, bias_in) || !activation_of(activation, &act))
+    return py::none();
+  const at::Tensor bias = vector_for(bias_in, inp->scalar_type(), inp->device(), weight->size(0),
+                                     /*allow_scalar=*/false);
+  if (!bias.defined()) return py::none();
+  return wrap(call_bias_act(at::matmul(*inp, weight->t()), bias, act, p));
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "rezero_kernels' compiled ops (registered on import) and their eager entry points";
+  m.def("residual", &residual);
+  m.def("bias_act_dropout", &bias_act_dropout);
+  m.def("rezero_linear", &rezero_linear);
+  m.def("linear_bias_act_dropout", &linear_bias_act_dropout);
+}
+
+}  // namespace rezero

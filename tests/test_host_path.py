@@ -1,0 +1,77 @@
+"""The host side of the compiled backend: canonical inputs take the one-call C++ path, the hot
+path never synchronises or reads a tensor on the host, no seed is drawn without dropout, and
+gradients nobody asked for cost nothing (a frozen weight skips its GEMM).  Speed itself is
+measured by the benchmark (``host/...`` and ``fc/...`` cases), not here."""
+import pytest
+import torch
+import torch.nn as nn
+from torch.profiler import ProfilerActivity, profile
+
+import rezero_kernels as rzk
+from rezero_kernels import compiled_ops, dispatch
+
+pytestmark = pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+F = rzk.functional
+
+
+def _aten_calls(fn):
+    """{aten op name: count} of what fn runs on the host."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    counts = {}
+    for e in prof.events():
+        counts[e.name] = counts.get(e.name, 0) + 1
+    return counts
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        rzk.RZTXEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True, alpha_init=0.1),
+        rzk.blocks.ReZeroFCBlock(32, alpha_init=0.1),
+        rzk.ReZero(nn.Linear(32, 32), alpha_init=0.1, dropout=0.1))
+
+
+def test_canonical_inputs_take_the_compiled_entry_points(monkeypatch):
+    """With the general path of the compiled backend disabled, the layers still run: every op of
+    a training step went through rezero_kernels._C."""
+    model = _model()
+    for name in ("rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout"):
+        monkeypatch.setattr(compiled_ops, name, None)
+    x = torch.randn(2, 5, 32)
+    model(x).sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    assert dispatch.fast_path("auto", x) is not None and dispatch.fast_path("torch", x) is None
+
+
+def test_training_step_reads_nothing_back_to_the_host(monkeypatch):
+    """No .item(), bool() or other host read of a tensor anywhere in forward and backward
+    (on a GPU each would synchronise with the device)."""
+    model = _model()
+    x = torch.randn(2, 5, 32)
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail(".item() on the hot path"))
+    calls = _aten_calls(lambda: model(x).sum().backward())
+    assert "aten::_local_scalar_dense" not in calls and "aten::item" not in calls, calls
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_one_seed_per_op_with_dropout_and_none_without(p):
+    x, fx = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+    a = torch.ones(1, requires_grad=True)
+    calls = _aten_calls(lambda: torch.autograd.grad(F.rezero_residual(x, fx, a, p).sum(), fx))
+    assert calls.get("aten::randint", 0) == (1 if p else 0), calls
+
+
+@pytest.mark.parametrize("frozen", ["weight", "inp", "weight+alpha", "nothing"])
+def test_frozen_inputs_skip_their_gemms(frozen):
+    """rezero_linear's backward runs one GEMM per gradient it must produce: grad_inp needs
+    dy @ W, grad_weight (and grad_alpha) need dy^T @ inp."""
+    torch.manual_seed(0)
+    x, inp = torch.randn(6, 8, requires_grad=True), torch.randn(6, 5, requires_grad="inp" not in frozen)
+    w = torch.randn(8, 5, requires_grad="weight" not in frozen)
+    b, a = torch.randn(8, requires_grad=True), torch.randn(1, requires_grad="alpha" not in frozen)
+    out = F.rezero_linear(x, inp, w, b, a, 0.1)
+    leaves = [t for t in (x, inp, w, b, a) if t.requires_grad]
+    calls = _aten_calls(lambda: torch.autograd.grad(out.sum(), leaves))
+    want = int(inp.requires_grad) + int(w.requires_grad or a.requires_grad)
+    assert calls.get("aten::mm", 0) == want, calls
