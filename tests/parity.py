@@ -18,13 +18,13 @@ LOW_PRECISION_FACTOR = 2.0
 TIGHT = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=2e-5, atol=2e-5)}
 
 
-def probe_mask(shape, p, seed, backend):
+def probe_mask(shape, p, seed, backend, device="cpu"):
     """The keep-mask a backend's op draws for an output of ``shape`` after ``manual_seed(seed)``
     (every op draws its dropout seed the same way, and drops by output element index)."""
     torch.manual_seed(seed)
-    ones = torch.ones(shape, dtype=torch.float32)
-    out = rzk.functional.rezero_residual(torch.zeros_like(ones), ones, torch.ones(1), p,
-                                         backend=backend)
+    ones = torch.ones(shape, dtype=torch.float32, device=device)
+    out = rzk.functional.rezero_residual(torch.zeros_like(ones), ones,
+                                         torch.ones(1, device=device), p, backend=backend)
     return out != 0
 
 

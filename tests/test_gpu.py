@@ -1,14 +1,12 @@
-"""The hand-written CUDA kernels (csrc/cuda/) against python_ref on a GPU: output and every
-gradient across dtypes, odd shapes (scalar tails, unaligned per-channel rows), non-contiguous
-and misaligned inputs, scalar/per-channel alpha, dropout on/off, grid-stride sizes; one mask for
-forward and backward and the same mask as the CPU kernels for the same seed (the Philox rule of
-csrc/philox.h); bitwise-deterministic reductions; CUDA-graph capture.
+"""What only a GPU can check, beyond the device-generic parity suite (test_parity.py, whose
+cuda-cuda and triton-cuda targets run here): the CUDA kernels' raw-op edge cases (misaligned
+storage, grid-stride sizes, empty tensors), CPU and CUDA drawing the same mask from the same
+seed (the Philox rule of csrc/philox.h), bitwise-deterministic reductions, the caller's stream,
+CUDA-graph capture and replay (raw ops, the autograd path, a whole encoder training step with
+dropout), no host-device synchronisation on the hot path, the device guard, torch.compile with
+Inductor and bf16 autocast on CUDA.
 
-Skipped unless a GPU is visible and the extension was built with its CUDA kernels.
-
-Tolerances follow tests/parity.py: float64/float32 tightly against python_ref in float64 with
-the kernel's own mask; bfloat16/float16 within twice the error of python_ref run eagerly in that
-dtype (on the GPU) plus one ulp of the largest value.
+Skipped unless a GPU is visible.
 """
 from __future__ import annotations
 
@@ -18,21 +16,15 @@ import torch
 
 import python_ref
 import rezero_kernels as rzk
-from parity import check_results
+from parity import assert_parity
 
-if not (torch.cuda.is_available() and rzk.backends()["cuda"]):
-    pytest.skip("needs a GPU and rezero_kernels built with its CUDA kernels (REZERO_CUDA=1)",
-                allow_module_level=True)
+if not torch.cuda.is_available():
+    pytest.skip("needs a CUDA GPU", allow_module_level=True)
 
 F = rzk.functional
 ops = torch.ops.rezero_kernels
-B = "cuda"
 DEV = torch.device("cuda")
 SEED = 1234
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-# (37, 53): odd channels (scalar tail chunks; per-channel rows not 4-aligned: unaligned Philox
-# groups and the scalar column path); (2, 3, 64): whole 128-bit vectors; (1, 1) and (5,): tiny.
-SHAPES = [(37, 53), (2, 3, 64), (1, 1), (5,)]
 ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh"]
 
 
@@ -44,48 +36,6 @@ def seed_tensor(key, base, device=DEV):
     return torch.tensor([key, base], dtype=torch.int64, device=device)
 
 
-def mask_for(shape, p):
-    """The keep-mask the cuda backend draws for an output of ``shape`` after
-    ``manual_seed(SEED)`` (every op draws its seed the same way and drops by element index)."""
-    if p == 0:
-        return None
-    torch.manual_seed(SEED)
-    ones = torch.ones(shape, dtype=torch.float32, device=DEV)
-    out = F.rezero_residual(torch.zeros_like(ones), ones, torch.ones(1, device=DEV), p, backend=B)
-    return out != 0
-
-
-def strided(t: torch.Tensor) -> torch.Tensor:
-    """t's values as a non-contiguous view (every other element of a wider tensor), built with
-    differentiable ops so gradients reach t."""
-    if t.dim() == 0:
-        return t
-    return torch.stack([t, torch.zeros_like(t)], dim=-1).flatten(-2)[..., ::2]
-
-
-def run(fn, inputs, grad_out, contiguous=True):
-    """fn(*inputs) and the gradients of <fn, grad_out> with respect to every input; with
-    contiguous=False the data inputs (dim >= 2) reach fn as strided views."""
-    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
-    args = leaves if contiguous else [strided(t) if t.dim() >= 2 else t for t in leaves]
-    out = fn(*args)
-    grads = torch.autograd.grad(out, leaves, grad_out.to(out.dtype))
-    return [out.detach()] + [g.detach() for g in grads]
-
-
-def assert_parity(kernel_fn, ref_fn, inputs, grad_out, dtype, contiguous=True, names=()):
-    """inputs are float64 masters on the GPU; see the module docstring for the tolerances."""
-    ref = run(ref_fn, inputs, grad_out)
-    cast = [t.to(dtype) for t in inputs]
-    got = run(kernel_fn, cast, grad_out.to(dtype), contiguous)
-    labels = ["output"] + [f"grad of {n}" for n in names]
-    labels += [f"grad {i}" for i in range(len(labels), len(got))]
-    for label, g in zip(labels, got):
-        assert g.device.type == "cuda", f"{label} left the GPU"
-        assert torch.isfinite(g).all(), f"{label} is not finite"
-    check_results(labels, got, ref, dtype, lambda: run(ref_fn, cast, grad_out.to(dtype)))
-
-
 def seeded(fn):
     def call(*args):
         torch.manual_seed(SEED)
@@ -93,80 +43,52 @@ def seeded(fn):
     return call
 
 
-# --- parity with python_ref -------------------------------------------------------------------
+GPU_BACKENDS = [pytest.param(b, marks=pytest.mark.skipif(not rzk.backends()[b],
+                                                         reason=f"backend {b!r} not available"))
+                for b in ("cuda", "triton")]
+needs_cuda_kernels = pytest.mark.skipif(not rzk.backends()["cuda"],
+                                        reason="rezero_kernels built without its CUDA kernels")
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
+
+def mask_for(shape, p, backend):
+    torch.manual_seed(SEED)
+    ones = torch.ones(shape, dtype=torch.float32, device=DEV)
+    out = F.rezero_residual(torch.zeros_like(ones), ones, torch.ones(1, device=DEV), p,
+                            backend=backend)
+    return out != 0
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("shape", [(1031, 1024), (1027, 1031), (2, 3_000_001), (3_000_001,)],
+                         ids=str)
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_residual_parity(dtype, shape, per_channel, p, contiguous):
-    torch.manual_seed(0)
-    x, fx = randn(*shape), randn(*shape)
-    alpha = randn(shape[-1] if per_channel else 1)
-    mask = mask_for(shape, p)
-    assert_parity(seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, p, backend=B)),
-                  lambda x, fx, a: python_ref.rezero_residual(x, fx, a, p, mask=mask),
-                  [x, fx, alpha], randn(*shape), dtype, contiguous, ["x", "fx", "alpha"])
-
-
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", SHAPES, ids=str)
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-@pytest.mark.parametrize("contiguous", [True, False])
-def test_bias_act_dropout_parity(dtype, shape, activation, p, contiguous):
-    torch.manual_seed(0)
-    h, bias = randn(*shape), randn(shape[-1])
-    mask = mask_for(shape, p)
-    assert_parity(seeded(lambda h, b: F.bias_act_dropout(h, b, activation, p, backend=B)),
-                  lambda h, b: python_ref.bias_act_dropout(h, b, activation, p, mask=mask),
-                  [h, bias], randn(*shape), dtype, contiguous, ["h", "bias"])
-
-
-@pytest.mark.parametrize("shape", [(1031, 1024), (1027, 1031), (2, 3_000_001)], ids=str)
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_large_shapes_take_several_grid_strides(shape, per_channel):
+def test_large_shapes(backend, shape, per_channel):
+    """More work than one wave of blocks covers (grid-stride loops; many row blocks per column
+    tile), and a last dimension above CUDA's 65535 limit of grid axes y and z."""
     """More chunks than one wave of blocks covers: the grid-stride loops and, for per-channel
     reductions, many row blocks per column tile."""
     torch.manual_seed(0)
     x, fx, grad = randn(*shape), randn(*shape), randn(*shape)
     alpha = randn(shape[-1] if per_channel else 1)
-    mask = mask_for(shape, 0.2)
-    assert_parity(seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, 0.2, backend=B)),
+    mask = mask_for(shape, 0.2, backend)
+    assert_parity(seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, 0.2, backend=backend)),
                   lambda x, fx, a: python_ref.rezero_residual(x, fx, a, 0.2, mask=mask),
                   [x, fx, alpha], grad, torch.float32, names=["x", "fx", "alpha"])
 
 
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_large_bias_act(activation):
+def test_large_bias_act(backend, activation):
     torch.manual_seed(0)
     shape = (2053, 771)
     h, bias = randn(*shape), randn(shape[-1])
-    mask = mask_for(shape, 0.1)
-    assert_parity(seeded(lambda h, b: F.bias_act_dropout(h, b, activation, 0.1, backend=B)),
+    mask = mask_for(shape, 0.1, backend)
+    assert_parity(seeded(lambda h, b: F.bias_act_dropout(h, b, activation, 0.1, backend=backend)),
                   lambda h, b: python_ref.bias_act_dropout(h, b, activation, 0.1, mask=mask),
                   [h, bias], randn(*shape), torch.float32, names=["h", "bias"])
 
 
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("channels", [1, 9])
-def test_gradcheck_residual_float64(p, channels):
-    def f64(*shape):
-        return randn(*shape).requires_grad_(True)
-    fn = seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, p, backend=B))
-    assert torch.autograd.gradcheck(fn, (f64(4, 9), f64(4, 9), f64(channels)))
-
-
-@pytest.mark.parametrize("p", [0.0, 0.25])
-@pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_gradcheck_bias_act_dropout_float64(p, activation):
-    h = randn(3, 2, 11).requires_grad_(True)
-    b = randn(11).requires_grad_(True)
-    fn = seeded(lambda h, b: F.bias_act_dropout(h, b, activation, p, backend=B))
-    assert torch.autograd.gradcheck(fn, (h, b))
-
-
+@needs_cuda_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_misaligned_storage_matches_aligned(dtype, per_channel):
@@ -199,6 +121,7 @@ def test_misaligned_storage_matches_aligned(dtype, per_channel):
         assert torch.equal(a, b)
 
 
+@needs_cuda_kernels
 def test_empty_tensors():
     seed = seed_tensor(1, 2)
     x = torch.empty(0, 8, device=DEV)
@@ -210,6 +133,7 @@ def test_empty_tensors():
     assert gh.shape == (0, 8) and torch.equal(gb, torch.zeros_like(bias))
 
 
+@needs_cuda_kernels
 def test_no_dropout_never_reads_the_seed():
     """p == 0 takes the no-dropout path: even a seed that is not a valid [key, base] tensor is
     fine."""
@@ -221,6 +145,7 @@ def test_no_dropout_never_reads_the_seed():
 
 # --- the dropout mask ---------------------------------------------------------------------------
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("shape", [(4, 4096), (37, 53), (3, 1, 7)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_and_cuda_drop_the_same_elements(shape, dtype):
@@ -250,6 +175,7 @@ def test_cpu_and_cuda_drop_the_same_elements(shape, dtype):
         assert torch.equal(cpu_b != 0, (cuda_b != 0).cpu())
 
 
+@needs_cuda_kernels
 def test_mask_follows_the_documented_philox_rule():
     from test_dropout import philox4x32_10  # the numpy reference of csrc/philox.h
     p, n = 0.3, 5003
@@ -265,48 +191,23 @@ def test_mask_follows_the_documented_philox_rule():
     assert torch.equal((out != 0).cpu(), expected)
 
 
-@pytest.mark.parametrize("op", ["residual", "residual_per_channel", "bias_act"])
-@pytest.mark.parametrize("channels", [4096, 53])
-def test_backward_uses_the_forward_mask(op, channels):
-    """With fx = 1 and x = 0 the output is alpha times the scaled mask; the gradient of fx for
-    grad = 1 must be that same tensor (the mask is regenerated in backward, never stored)."""
-    fx = torch.ones(5, channels, device=DEV, requires_grad=True)
-    if op == "bias_act":
-        out = F.bias_act_dropout(fx, torch.zeros(channels, device=DEV), "identity", 0.4, backend=B)
-    else:
-        alpha = torch.full((channels if op == "residual_per_channel" else 1,), 2.0, device=DEV)
-        out = F.rezero_residual(torch.zeros(5, channels, device=DEV), fx, alpha, 0.4, backend=B)
-    (grad,) = torch.autograd.grad(out.sum(), fx)
-    assert (out != 0).any() and (out == 0).any()
-    torch.testing.assert_close(grad, out)
-
-
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("p", [0.1, 0.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_keep_rate_and_scaling(p, dtype):
+def test_keep_rate_and_scaling_over_a_million_elements(backend, p, dtype):
     n = 1_000_003
     out = F.rezero_residual(torch.zeros(n, dtype=dtype, device=DEV),
                             torch.ones(n, dtype=dtype, device=DEV), torch.ones(1, device=DEV), p,
-                            backend=B)
+                            backend=backend)
     kept = out != 0
     rate = kept.double().mean().item()
     assert abs(rate - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
     assert torch.all(out[kept] == torch.tensor(1 / (1 - p), dtype=dtype, device=DEV))
 
 
-def test_reproducible_under_manual_seed_and_fresh_per_call():
-    x, fx, a = randn(64, 64).float(), randn(64, 64).float(), torch.ones(1, device=DEV)
-    torch.manual_seed(7)
-    first = F.rezero_residual(x, fx, a, 0.5, backend=B)
-    second = F.rezero_residual(x, fx, a, 0.5, backend=B)
-    torch.manual_seed(7)
-    again = F.rezero_residual(x, fx, a, 0.5, backend=B)
-    assert torch.equal(first, again)
-    assert not torch.equal(first, second)
-
-
 # --- determinism, streams, CUDA graphs ------------------------------------------------------
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("shape", [(4099, 1031), (1024, 1024)], ids=str)
 def test_reductions_are_bitwise_deterministic(shape):
     torch.manual_seed(0)
@@ -322,6 +223,7 @@ def test_reductions_are_bitwise_deterministic(shape):
         assert torch.equal(ops.bias_act_dropout_backward(g, fx, bias, "gelu", 0.1, seed)[1], first)
 
 
+@needs_cuda_kernels
 def test_runs_on_the_current_stream():
     """Work is ordered on the caller's stream: results written on a side stream are complete
     after waiting on that stream only."""
@@ -353,6 +255,7 @@ def _capture(fn):
     return graph, outs
 
 
+@needs_cuda_kernels
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_cuda_graph_forward_backward_matches_eager(per_channel):
     """The raw ops in a graph, with the seed read from device memory at replay: changing the
@@ -381,7 +284,8 @@ def test_cuda_graph_forward_backward_matches_eager(per_channel):
             assert torch.equal(got, want)
 
 
-def test_cuda_graph_of_autograd_training_step():
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_of_autograd_training_step(backend):
     """The autograd path (functional op, seed drawn by torch's CUDA generator inside the graph)
     captures, replays with a fresh mask each time, and keeps forward and backward masks equal."""
     fx = torch.ones(64, 128, device=DEV, requires_grad=True)
@@ -389,7 +293,7 @@ def test_cuda_graph_of_autograd_training_step():
     alpha = torch.full((128,), 2.0, device=DEV, requires_grad=True)
 
     def step():
-        out = F.rezero_residual(x, fx, alpha, 0.4, backend=B)
+        out = F.rezero_residual(x, fx, alpha, 0.4, backend=backend)
         g_fx, g_alpha = torch.autograd.grad(out.sum(), (fx, alpha))
         return out.detach(), g_fx, g_alpha
 
@@ -405,7 +309,7 @@ def test_cuda_graph_of_autograd_training_step():
 
     # without dropout the graph equals eager exactly
     def step0():
-        out = F.rezero_residual(x, fx, alpha, 0.0, backend=B)
+        out = F.rezero_residual(x, fx, alpha, 0.0, backend=backend)
         return (out.detach(), *torch.autograd.grad(out.sum(), (fx, alpha)))
 
     graph0, static0 = _capture(step0)
@@ -413,3 +317,101 @@ def test_cuda_graph_of_autograd_training_step():
     torch.cuda.synchronize()
     for got, want in zip(static0, step0()):
         assert torch.equal(got, want)
+
+
+# --- whole training steps --------------------------------------------------------------------
+
+def _encoder(backend, depth=3, dropout=0.1, dtype=torch.float32):
+    torch.manual_seed(0)
+    layers = [rzk.RZTXEncoderLayer(64, 4, 128, dropout=dropout, batch_first=True, alpha_init=0.2,
+                                   backend=backend, device=DEV, dtype=dtype)
+              for _ in range(depth)]
+    return torch.nn.Sequential(*layers)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_cuda_graph_of_an_encoder_training_step_with_dropout(backend):
+    """Forward and backward of a 3-layer encoder with dropout, captured once and replayed: each
+    replay equals an eager step that draws the same seeds (the generator's state is restored to
+    what the replay started from), and two replays draw different masks."""
+    model = _encoder(backend)
+    x = torch.randn(4, 16, 64, device=DEV)
+    params = list(model.parameters())
+
+    def step():
+        out = model(x)
+        return (out.detach(), *torch.autograd.grad(out.square().mean(), params))
+
+    graph, static = _capture(step)
+    outs = []
+    for _ in range(2):
+        state = torch.cuda.get_rng_state()
+        graph.replay()
+        torch.cuda.synchronize()
+        outs.append([t.clone() for t in static])
+        after = torch.cuda.get_rng_state()
+        torch.cuda.set_rng_state(state)
+        eager = step()
+        torch.cuda.set_rng_state(after)
+        for got, want in zip(outs[-1], eager):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(outs[0][0], outs[1][0]), "each replay must draw fresh masks"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_hot_path_never_synchronises(backend):
+    """A training step with dropout makes no host-device synchronisation (no .item(), no
+    host copy, no blocking allocation): torch raises on any while sync debug mode is "error"."""
+    model = _encoder(backend)
+    x = torch.randn(4, 16, 64, device=DEV)
+    model(x).sum().backward()  # warm-up: autotuning and lazy initialisation may sync
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(x).sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_inductor_compiles_a_stack_on_cuda(backend):
+    model = _encoder(backend, dropout=0.0)
+    x = torch.randn(2, 16, 64, device=DEV, requires_grad=True)
+    compiled = torch.compile(model, fullgraph=True)
+    out_c, out_e = compiled(x), model(x)
+    torch.testing.assert_close(out_c, out_e, rtol=1e-4, atol=1e-4)
+    g_c = torch.autograd.grad(out_c.sum(), [x, *model.parameters()])
+    g_e = torch.autograd.grad(out_e.sum(), [x, *model.parameters()])
+    for a, b in zip(g_c, g_e):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_bf16_autocast_matches_the_reference_under_autocast(backend):
+    torch.manual_seed(0)
+    fused = rzk.RZTXEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, alpha_init=0.5,
+                                 backend=backend, device=DEV)
+    ref = python_ref.RZTXEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True, alpha_init=0.5,
+                                      device=DEV)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 64, device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_f, out_r = fused(x), ref(x)
+    exact = ref.double()(x.double())
+    assert out_f.dtype == out_r.dtype
+    err_f = (out_f.double() - exact).abs().max().item()
+    err_r = (out_r.double() - exact).abs().max().item()
+    assert err_f <= 2 * err_r + 1e-3, (err_f, err_r)
+    out_f.float().sum().backward()
+    assert fused.resweight.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_tensors_on_another_gpu_run_there(backend):
+    """Data on cuda:1 while cuda:0 is current: the kernels run in cuda:1's context."""
+    x, fx = torch.randn(64, 33, device="cuda:1"), torch.randn(64, 33, device="cuda:1")
+    alpha = torch.full((1,), 0.5, device="cuda:1")
+    with torch.cuda.device(0):
+        out = F.rezero_residual(x, fx, alpha, backend=backend)
+        torch.testing.assert_close(out, x + 0.5 * fx)

@@ -1,0 +1,492 @@
+"""Every fused backend on every device it serves, against python_ref: one suite.
+
+A target is a (backend, device) pair:
+  cpu-cpu      the compiled C++ kernels
+  triton-cpu   the Triton kernels in Triton's interpreter (CPU machines; TRITON_INTERPRET=1 is set
+               by conftest.py before rezero_kernels is imported)
+  triton-cuda  the Triton kernels compiled for the GPU
+  cuda-cuda    the compiled CUDA kernels
+A target that cannot run here is collected and skipped with the reason, so a CPU machine and a
+GPU machine run the very same tests.
+
+Checked for each op: the output and every gradient across dtypes, odd shapes, non-contiguous
+inputs, zero/scalar/per-channel alpha, dropout on and off, with the kernel's own mask recovered
+(``probe_mask``); dtype promotion; dropout statistics, one mask rule for all ops of a backend,
+the forward mask reused by backward, reproducibility; deterministic reductions; gradients only
+for the inputs that need them.  Tolerances are ``parity.check_results``'s: float64/float32
+tightly against python_ref in float64; bfloat16/float16 within twice the error of python_ref run
+eagerly in that dtype, plus one ulp of the largest value.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+import python_ref
+import rezero_kernels as rzk
+from parity import assert_parity, probe_mask, reference
+
+F = rzk.functional
+SEED = 1234
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh"]
+ALPHAS = ["zero", "scalar", "vector"]
+OPS = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout"]
+
+
+@dataclass(frozen=True)
+class Target:
+    backend: str
+    device: str
+
+    def __str__(self):
+        return f"{self.backend}-{self.device}"
+
+    @property
+    def interpreted(self) -> bool:
+        return self.backend == "triton" and self.device == "cpu"
+
+    def skip_reason(self):
+        if self.device == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU visible"
+        if self.interpreted and os.environ.get("TRITON_INTERPRET") != "1":
+            return "the Triton interpreter runs only on machines without a GPU (TRITON_INTERPRET=1)"
+        if not rzk.backends()[self.backend]:
+            return f"backend {self.backend!r} is not available here"
+        return None
+
+
+TARGETS = [Target("cpu", "cpu"), Target("triton", "cpu"), Target("triton", "cuda"),
+           Target("cuda", "cuda")]
+
+
+@pytest.fixture(params=[pytest.param(t, id=str(t), marks=pytest.mark.skipif(
+    t.skip_reason() is not None, reason=str(t.skip_reason()))) for t in TARGETS])
+def target(request) -> Target:
+    return request.param
+
+
+def shapes(target):
+    """Odd shapes (odd channel counts: scalar tails, unaligned per-channel rows; 1-D; a single
+    element); compiled targets also get whole 128-bit vectors and a row longer than a CPU kernel
+    tile (8192).  The interpreter pays per program, so it gets the small ones only."""
+    base = [(7, 33), (3, 5, 129), (1, 1), (5,)]
+    return base if target.interpreted else base + [(2, 3, 64), (2, 8200)]
+
+
+def randn(target, *shape):
+    return torch.randn(*shape, dtype=torch.float64, device=target.device)
+
+
+def make_alpha(target, kind, channels):
+    if kind == "zero":
+        return torch.zeros(1, dtype=torch.float64, device=target.device)
+    return randn(target, 1 if kind == "scalar" else channels)
+
+
+def dropout_setup(target, shape, p):
+    """(mask for the reference, a kernel wrapper that re-seeds before the kernel draws)."""
+    mask = probe_mask(shape, p, SEED, target.backend, target.device) if p > 0 else None
+
+    def seeded(fn):
+        def call(*args):
+            torch.manual_seed(SEED)
+            return fn(*args)
+        return call
+    return mask, seeded
+
+
+def linear_inputs(target, lead, n_in, n_out):
+    return (randn(target, *lead, n_out), randn(target, *lead, n_in),
+            randn(target, n_out, n_in) / n_in ** 0.5, randn(target, n_out))
+
+
+# --- parity with python_ref -------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_index", range(6))
+@pytest.mark.parametrize("alpha_kind", ALPHAS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rezero_residual(target, dtype, shape_index, alpha_kind, p, contiguous):
+    if shape_index >= len(shapes(target)):
+        pytest.skip("large shape: compiled targets only")
+    shape = shapes(target)[shape_index]
+    torch.manual_seed(0)
+    x, fx = randn(target, *shape), randn(target, *shape)
+    alpha = make_alpha(target, alpha_kind, shape[-1])
+    mask, seeded = dropout_setup(target, shape, p)
+    ref = reference("rezero_residual", mask)
+    assert_parity(seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, p, backend=target.backend)),
+                  lambda x, fx, a: ref(x, fx, a, p), [x, fx, alpha], randn(target, *shape), dtype,
+                  contiguous, ["x", "fx", "alpha"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape_index", [0, 1, 2, 4, 5])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_bias_act_dropout(target, dtype, shape_index, activation, p, contiguous):
+    if shape_index >= len(shapes(target)):
+        pytest.skip("large shape: compiled targets only")
+    shape = shapes(target)[shape_index]
+    torch.manual_seed(0)
+    h, bias = randn(target, *shape), randn(target, shape[-1])
+    mask, seeded = dropout_setup(target, shape, p)
+    ref = reference("bias_act_dropout", mask)
+    assert_parity(seeded(lambda h, b: F.bias_act_dropout(h, b, activation, p,
+                                                         backend=target.backend)),
+                  lambda h, b: ref(h, b, activation, p), [h, bias], randn(target, *shape), dtype,
+                  contiguous, ["h", "bias"])
+
+
+LINEAR_SHAPES = [((7,), 5, 3), ((2, 9), 33, 17), ((3, 4), 64, 129)]  # (leading, in, out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", LINEAR_SHAPES, ids=str)
+@pytest.mark.parametrize("alpha_kind", ALPHAS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_rezero_linear(target, dtype, dims, alpha_kind, p, contiguous):
+    torch.manual_seed(0)
+    x, inp, weight, bias = linear_inputs(target, *dims)
+    alpha = make_alpha(target, alpha_kind, dims[2])
+    mask, seeded = dropout_setup(target, x.shape, p)
+    ref = reference("rezero_linear", mask)
+    assert_parity(seeded(lambda x, i, w, b, a: F.rezero_linear(x, i, w, b, a, p,
+                                                               backend=target.backend)),
+                  lambda x, i, w, b, a: ref(x, i, w, b, a, p), [x, inp, weight, bias, alpha],
+                  randn(target, *x.shape), dtype, contiguous,
+                  ["x", "inp", "weight", "bias", "alpha"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_linear_bias_act_dropout(target, dtype, activation, p, contiguous):
+    torch.manual_seed(0)
+    _, inp, weight, bias = linear_inputs(target, (3, 7), 33, 65)
+    mask, seeded = dropout_setup(target, (3, 7, 65), p)
+    ref = reference("linear_bias_act_dropout", mask)
+    assert_parity(seeded(lambda i, w, b: F.linear_bias_act_dropout(i, w, b, activation, p,
+                                                                   backend=target.backend)),
+                  lambda i, w, b: ref(i, w, b, activation, p), [inp, weight, bias],
+                  randn(target, 3, 7, 65), dtype, contiguous, ["inp", "weight", "bias"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_many_tiles(target, op, dtype):
+    """Shapes that every target's tiles split into several programs along every axis (the
+    interpreter's 32x256 elementwise and 64x64x64 GEMM tiles, its 2 reduction groups, the CPU
+    kernels' row blocks), non-contiguous."""
+    torch.manual_seed(0)
+    p, shape = 0.3, (70, 300)
+    if op in ("rezero_residual", "bias_act_dropout"):
+        a, b, vec = randn(target, *shape), randn(target, *shape), randn(target, shape[-1])
+        inputs, args = ([a, b, vec], ()) if op == "rezero_residual" else ([a, vec], ("gelu",))
+    else:
+        x, inp, weight, bias = linear_inputs(target, (70,), 130, 65)
+        shape = x.shape
+        if op == "rezero_linear":
+            inputs, args = [x, inp, weight, bias, randn(target, 65)], ()
+        else:
+            inputs, args = [inp, weight, bias], ("gelu_tanh",)
+    mask, seeded = dropout_setup(target, shape, p)
+    ref = reference(op, mask)
+    kernel = seeded(lambda *t: getattr(F, op)(*t, *args, p, backend=target.backend))
+    assert_parity(kernel, lambda *t: ref(*t, *args, p), inputs, randn(target, *shape), dtype,
+                  False)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("op", OPS)
+def test_gradcheck_float64(target, op, p):
+    def leaf(*shape):
+        return randn(target, *shape).requires_grad_(True)
+    make = {"rezero_residual": lambda: ((leaf(4, 9), leaf(4, 9), leaf(9)), ()),
+            "bias_act_dropout": lambda: ((leaf(3, 2, 11), leaf(11)), ("gelu",)),
+            "rezero_linear": lambda: ((leaf(2, 3, 6), leaf(2, 3, 5), leaf(6, 5), leaf(6),
+                                       leaf(1)), ()),
+            "linear_bias_act_dropout": lambda: ((leaf(4, 5), leaf(7, 5), leaf(7)), ("gelu",))}
+    inputs, args = make[op]()
+    _, seeded = dropout_setup(target, (1,), 0.0)
+    fn = seeded(lambda *t: getattr(F, op)(*t, *args, p, backend=target.backend))
+    assert torch.autograd.gradcheck(fn, inputs)
+
+
+# --- gradients only where asked for ---------------------------------------------------------
+
+def _case(target, op):
+    """(inputs, extra args) of ``op`` at a small odd shape, float32."""
+    torch.manual_seed(0)
+    f32 = lambda *s: randn(target, *s).float()  # noqa: E731
+    return {"rezero_residual": ([f32(5, 17), f32(5, 17), f32(17)], ()),
+            "bias_act_dropout": ([f32(5, 17), f32(17)], ("gelu",)),
+            "rezero_linear": ([f32(5, 17), f32(5, 9), f32(17, 9), f32(17), f32(1)], ()),
+            "linear_bias_act_dropout": ([f32(5, 9), f32(17, 9), f32(17)], ("relu",))}[op]
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_only_the_gradients_asked_for(target, op):
+    """Every subset of inputs that requires grad gets exactly its gradients, equal to
+    python_ref's (with the kernel's mask)."""
+    inputs, args = _case(target, op)
+    shape = getattr(F, op)(*inputs, *args, backend=target.backend).shape
+    mask, seeded = dropout_setup(target, shape, 0.2)
+    ref = reference(op, mask)
+    grad_out = randn(target, *shape).float()
+    for wanted in itertools.product([False, True], repeat=len(inputs)):
+        if not any(wanted):
+            continue
+        leaves = [t.clone().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        out = seeded(lambda: getattr(F, op)(*leaves, *args, 0.2, backend=target.backend))()
+        picked = [t for t in leaves if t.requires_grad]
+        got = torch.autograd.grad(out, picked, grad_out)
+        ref_leaves = [t.double().requires_grad_(w) for t, w in zip(inputs, wanted)]
+        want = torch.autograd.grad(ref(*ref_leaves, *args, 0.2),
+                                   [t for t in ref_leaves if t.requires_grad], grad_out.double())
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.double(), w, rtol=2e-5, atol=2e-5)
+
+
+# --- dtypes -------------------------------------------------------------------------------------
+
+def _grads(fn, inputs, grad_out):
+    leaves = [t.detach().clone().requires_grad_(True) for t in inputs]
+    out = fn(*leaves)
+    return [out] + list(torch.autograd.grad(out, leaves, grad_out.to(out.dtype)))
+
+
+def test_mixed_dtypes_promote_like_eager(target):
+    x = randn(target, 4, 8).float()
+    fx = randn(target, 4, 8).to(torch.bfloat16)
+    alpha = torch.tensor([0.5], device=target.device)
+    out = F.rezero_residual(x, fx, alpha, backend=target.backend)
+    assert out.dtype == (x + alpha * fx).dtype == torch.float32
+    torch.testing.assert_close(out, x + alpha * fx.float())
+
+
+@pytest.mark.parametrize("x_dtype,gemm_dtype", [(torch.float32, torch.bfloat16),
+                                                (torch.bfloat16, torch.float32)], ids=str)
+def test_rezero_linear_mixed_dtypes_promote_like_eager(target, x_dtype, gemm_dtype):
+    torch.manual_seed(0)
+    x = randn(target, 5, 17).to(x_dtype)
+    inp, weight = randn(target, 5, 33).to(gemm_dtype), (randn(target, 17, 33) / 6).to(gemm_dtype)
+    bias, alpha = randn(target, 17).to(gemm_dtype), randn(target, 17).float()
+    inputs, grad_out = [x, inp, weight, bias, alpha], randn(target, 5, 17)
+    got = _grads(lambda *t: F.rezero_linear(*t, backend=target.backend), inputs, grad_out)
+    want = _grads(python_ref.rezero_linear, [t.double() for t in inputs], grad_out)
+    assert got[0].dtype == torch.promote_types(x_dtype, gemm_dtype)
+    for g, t in zip(got[1:], inputs):
+        assert g.dtype == t.dtype and g.shape == t.shape
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.double(), w, rtol=2e-2, atol=2e-2 * w.abs().max().item())
+
+
+def test_fp32_alpha_and_bias_with_bf16_data_get_fp32_grads(target):
+    torch.manual_seed(0)
+    x, fx = (randn(target, 7, 33).to(torch.bfloat16) for _ in range(2))
+    alpha = randn(target, 33).float()
+    ones = torch.ones(7, 33, device=target.device)
+    out, _, _, galpha = _grads(lambda *t: F.rezero_residual(*t, backend=target.backend),
+                               [x, fx, alpha], ones)
+    assert out.dtype == torch.bfloat16 and galpha.dtype == torch.float32
+    torch.testing.assert_close(galpha, fx.float().sum(0), rtol=1e-5, atol=1e-5)
+    h, bias = randn(target, 7, 33).to(torch.bfloat16), randn(target, 33).float()
+    _, _, gbias = _grads(lambda *t: F.bias_act_dropout(*t, "relu", backend=target.backend),
+                         [h, bias], ones)
+    assert gbias.dtype == torch.float32
+    torch.testing.assert_close(gbias, (h.float() + bias > 0).float().sum(0))
+
+
+@pytest.mark.parametrize("alpha", [0.1, "0-dim", "float32 gate"])
+def test_alpha_forms_on_float64_data_are_exact(target, alpha):
+    """A Python number, a 0-dim tensor and a float32 gate all work; a number on float64 data is
+    not rounded to float32 (eager is exact there)."""
+    x, fx = randn(target, 3, 4), randn(target, 3, 4)
+    value = {0.1: 0.1, "0-dim": torch.tensor(0.1, dtype=torch.float64, device=target.device),
+             "float32 gate": torch.full((1,), 0.1, device=target.device)}[alpha]
+    out = F.rezero_residual(x, fx, value, backend=target.backend)
+    want = x + (value if isinstance(value, float) else value.double()) * fx
+    torch.testing.assert_close(out, want, rtol=1e-15, atol=1e-15)
+
+
+def test_python_float_alpha_and_missing_bias(target):
+    x, inp, w = (randn(target, *s).float() for s in [(3, 4), (3, 5), (4, 5)])
+    torch.testing.assert_close(F.rezero_residual(x, inp[:, :4], 0.25, backend=target.backend),
+                               x + 0.25 * inp[:, :4])
+    torch.testing.assert_close(F.rezero_linear(x, inp, w, None, 0.5, backend=target.backend),
+                               x + 0.5 * inp @ w.T)
+
+
+def test_transposed_weight_and_sliced_inputs(target):
+    """Strided views reach the GEMM as they are (weight.T of a (in, out) tensor, a row slice)."""
+    torch.manual_seed(0)
+    x = randn(target, 6, 20)[:, 3:18].float()
+    inp = randn(target, 12, 33)[::2].float()
+    weight = randn(target, 33, 15).float().t()
+    bias, alpha = randn(target, 15).float(), randn(target, 15).float()
+    torch.testing.assert_close(F.rezero_linear(x, inp, weight, bias, alpha,
+                                               backend=target.backend),
+                               python_ref.rezero_linear(x, inp, weight, bias, alpha))
+    torch.testing.assert_close(F.linear_bias_act_dropout(inp, weight, bias, "gelu",
+                                                         backend=target.backend),
+                               python_ref.linear_bias_act_dropout(inp, weight, bias, "gelu"))
+
+
+def test_empty_nan_and_no_input_features(target):
+    dev = target.device
+    empty = torch.empty(0, 16, device=dev)
+    assert F.rezero_residual(empty, empty, torch.ones(1, device=dev), 0.1,
+                             backend=target.backend).shape == (0, 16)
+    assert F.bias_act_dropout(empty, torch.zeros(16, device=dev), "gelu", 0.1,
+                              backend=target.backend).shape == (0, 16)
+    assert F.rezero_linear(empty, torch.empty(0, 5, device=dev), torch.ones(16, 5, device=dev),
+                           None, 1.0, backend=target.backend).shape == (0, 16)
+    x = torch.tensor([[1.0, float("nan")]], device=dev)
+    out = F.rezero_residual(x, torch.ones(1, 2, device=dev), torch.ones(1, device=dev),
+                            backend=target.backend)
+    assert out[0, 0] == 2.0 and out[0, 1].isnan()
+    # in_features == 0: the GEMM is the bias alone, as in eager
+    x, bias = torch.randn(3, 4, device=dev), torch.randn(4, device=dev)
+    inp, w = torch.empty(3, 0, device=dev), torch.empty(4, 0, device=dev)
+    torch.testing.assert_close(F.rezero_linear(x, inp, w, bias, 0.5, backend=target.backend),
+                               x + 0.5 * bias)
+
+
+# --- dropout ------------------------------------------------------------------------------------
+
+def _rng_state(device):
+    return torch.cuda.get_rng_state() if device == "cuda" else torch.get_rng_state()
+
+
+def _all_ops_outputs(target, shape, p, alpha=1.0):
+    """Each op arranged so that its output is the scaled keep-mask: mask / (1 - p)."""
+    dev, b, n = target.device, target.backend, shape[-1]
+    zeros, ones = torch.zeros(shape, device=dev), torch.ones(shape, device=dev)
+    inp = torch.zeros(shape[:-1] + (4,), device=dev)
+    weight, bias = torch.zeros(n, 4, device=dev), torch.ones(n, device=dev)
+    calls = {
+        "rezero_residual": lambda: F.rezero_residual(zeros, ones, alpha, p, backend=b),
+        "bias_act_dropout": lambda: F.bias_act_dropout(zeros, bias, "identity", p, backend=b),
+        "rezero_linear": lambda: F.rezero_linear(zeros, inp, weight, bias, alpha, p, backend=b),
+        "linear_bias_act_dropout": lambda: F.linear_bias_act_dropout(inp, weight, bias, "relu",
+                                                                     p, backend=b),
+    }
+    outs = {}
+    for name, call in calls.items():
+        torch.manual_seed(SEED)
+        outs[name] = call()
+    return outs
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_keep_rate_scaling_and_one_mask_rule_for_all_ops(target, p):
+    shape = (64, 96) if target.interpreted else (512, 1000)
+    outs = _all_ops_outputs(target, shape, p)
+    first = outs["rezero_residual"]
+    keep = first != 0
+    n = keep.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5
+    assert torch.all(first[keep] == 1.0 / (1 - p))
+    for name, out in outs.items():  # every op drops by output element index, one seed rule
+        torch.testing.assert_close(out, first, msg=name)
+
+
+def test_dropout_p0_and_eval_are_the_no_dropout_path_and_draw_no_seed(target):
+    torch.manual_seed(0)
+    x, fx, alpha = randn(target, 7, 33).float(), randn(target, 7, 33).float(), randn(target, 33)
+    state = _rng_state(target.device)
+    out_p0 = F.rezero_residual(x, fx, alpha.float(), 0.0, backend=target.backend)
+    out_eval = F.rezero_residual(x, fx, alpha.float(), 0.5, training=False, backend=target.backend)
+    assert torch.equal(_rng_state(target.device), state)
+    assert torch.equal(out_p0, out_eval)
+    torch.testing.assert_close(out_p0, x + alpha.float() * fx)
+
+
+def test_reproducible_under_manual_seed_and_fresh_per_call(target):
+    dev = target.device
+    x, fx, alpha = torch.zeros(16, 40, device=dev), torch.ones(16, 40, device=dev), torch.ones(1, device=dev)
+    torch.manual_seed(7)
+    a, b = (F.rezero_residual(x, fx, alpha, 0.5, backend=target.backend) for _ in range(2))
+    torch.manual_seed(7)
+    c = F.rezero_residual(x, fx, alpha, 0.5, backend=target.backend)
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+P = 0.4
+
+
+def _masked_case(target, op):
+    """(kernel fn, reference fn taking ``mask=``, inputs): random inputs, but any residual x is
+    zero, so that the output is nonzero exactly where the op kept an element."""
+    torch.manual_seed(0)
+    b = target.backend
+    r = lambda *s: randn(target, *s).float()  # noqa: E731
+    shape, n_in = (6, 37), 20
+    zeros = torch.zeros(shape, device=target.device)
+    if op == "rezero_residual":
+        return (lambda *t: F.rezero_residual(*t, P, backend=b),
+                lambda *t, mask: python_ref.rezero_residual(*t, P, mask=mask),
+                [zeros, r(*shape), r(1)])
+    if op == "bias_act_dropout":
+        return (lambda *t: F.bias_act_dropout(*t, "gelu", P, backend=b),
+                lambda *t, mask: python_ref.bias_act_dropout(*t, "gelu", P, mask=mask),
+                [r(*shape), r(shape[-1])])
+    inp, weight, bias = r(shape[0], n_in), r(shape[1], n_in), r(shape[1])
+    if op == "rezero_linear":
+        return (lambda *t: F.rezero_linear(*t, P, backend=b),
+                lambda *t, mask: python_ref.rezero_linear(*t, P, mask=mask),
+                [zeros, inp, weight, bias, r(shape[1])])
+    return (lambda *t: F.linear_bias_act_dropout(*t, "gelu_tanh", P, backend=b),
+            lambda *t, mask: python_ref.linear_bias_act_dropout(*t, "gelu_tanh", P, mask=mask),
+            [inp, weight, bias])
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_backward_uses_the_forward_mask(target, op):
+    kernel, ref, inputs = _masked_case(target, op)
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    torch.manual_seed(SEED)
+    out = kernel(*leaves)
+    mask = out != 0  # every kept element of these inputs is nonzero
+    assert 0.3 < mask.float().mean().item() < 0.9
+    grad_out = torch.randn(out.shape, device=target.device)
+    got = torch.autograd.grad(out, leaves, grad_out)
+    leaves_ref = [t.clone().requires_grad_(True) for t in inputs]
+    want_out = ref(*leaves_ref, mask=mask)
+    want = torch.autograd.grad(want_out, leaves_ref, grad_out)
+    torch.testing.assert_close(out, want_out)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_residual_grad_of_x_is_grad_output_itself_and_reductions_are_deterministic(target):
+    torch.manual_seed(0)
+    rows = 40 if target.interpreted else 4099
+    x = randn(target, rows, 33).float().requires_grad_(True)
+    fx = randn(target, rows, 33).float().requires_grad_(True)
+    alpha = randn(target, 33).float().requires_grad_(True)
+    h, bias = fx.detach().clone().requires_grad_(True), alpha.detach().clone().requires_grad_(True)
+    seen = []
+    x.register_hook(seen.append)
+    grad_out = torch.randn(rows, 33, device=target.device)
+    grads = []
+    for _ in range(3):
+        torch.manual_seed(SEED)
+        out = F.rezero_residual(x, fx, alpha, 0.2, backend=target.backend)
+        z = F.bias_act_dropout(h, bias, "gelu", 0.2, backend=target.backend)
+        grads.append(torch.autograd.grad(out, [x, fx, alpha], grad_out)
+                     + torch.autograd.grad(z, [h, bias], grad_out))
+    assert seen[0].data_ptr() == grad_out.data_ptr()
+    for again in grads[1:]:
+        for a, b in zip(grads[0], again):
+            assert torch.equal(a, b)
