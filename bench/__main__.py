@@ -5,6 +5,7 @@
     python -m bench --filter 'op/rezero_residual/.*/fp32/large'  --out my_results
     python -m bench --quick --tuned-malloc  # re-run under MALLOC_MMAP_THRESHOLD_/TRIM_THRESHOLD_
     python -m bench --list                  # the case names
+    python -m bench --gpu --out bench/results/gpu   # the GPU run (what ./dev.sh gpu runs)
 Writes ``results.json``, ``results.csv`` and ``speedup.png`` to ``--out`` (default
 ``bench_results``).  ``--tiny`` (or ``REZERO_BENCH_TINY=1``) shrinks every size: a smoke test,
 whose figures mean nothing.
@@ -23,6 +24,9 @@ def _parse(argv):
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="the headline cases only, short timing, no torch.compile baseline")
+    ap.add_argument("--gpu", action="store_true",
+                    help="the GPU set (cases.GPU) on cuda: short timing, torch.compile only for "
+                         "the GEMM op, layers, stacks and FC nets")
     ap.add_argument("--tiny", action="store_true", default=os.environ.get("REZERO_BENCH_TINY") == "1",
                     help="tiny sizes and few rounds (smoke test; also REZERO_BENCH_TINY=1)")
     ap.add_argument("--out", default="bench_results", help="directory for JSON/CSV/PNG")
@@ -58,20 +62,25 @@ def main(argv=None) -> int:
 
     from . import cases, report, runner, targets
 
+    preset = cases.GPU if args.gpu else None
     if args.list:
-        for c in cases.select(args.quick, args.filter):
+        for c in cases.select(args.quick, args.filter, preset):
             print(c.name)
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if args.gpu and not device.startswith("cuda"):
+        print("--gpu needs a CUDA GPU, and none is visible", file=sys.stderr)
+        return 2
     backends = tuple(args.backends) if args.backends else cases.default_backends(device)
     compile_ = (not args.quick) if args.compile is None else args.compile
-    cfg = cases.Config(device=device, backends=backends, compile=compile_, tiny=args.tiny)
-    plan = runner.TINY if args.tiny else (runner.QUICK if args.quick else runner.FULL)
+    cfg = cases.Config(device=device, backends=backends, compile=compile_, tiny=args.tiny,
+                       compile_only=cases.GPU_COMPILE if args.gpu else None)
+    plan = runner.TINY if args.tiny else (runner.QUICK if args.quick or args.gpu else runner.FULL)
     if args.no_peak:
         plan = runner.Plan(**{**plan.__dict__, "peak_groups": ()})
-    selected = cases.select(args.quick, args.filter)
+    selected = cases.select(args.quick, args.filter, preset)
     if not selected:
         print(f"no case matches {args.filter!r}; see --list", file=sys.stderr)
         return 2

@@ -43,6 +43,8 @@ from . import roofline, timing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ("rezero_residual", "bias_act_dropout", "rezero_linear")
+HOST_OPS = OPS + ("linear_bias_act_dropout",)
+HOST_SIZES = {"8x8": (8, 8), "64x256": (64, 256)}  # host-bound: the kernels cost next to nothing
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
 DROPOUTS = (0.0, 0.1)
 SIZES = ("small", "large")
@@ -58,6 +60,7 @@ class Config:
     device: str = "cpu"
     backends: tuple = ("cpu",)   # our backends to run
     compile: bool = True         # include the torch.compile baseline
+    compile_only: str | None = None  # with compile: only in cases whose name matches this regex
     tiny: bool = False           # shrink every size (CI smoke test)
     seed: int = 0
 
@@ -92,22 +95,31 @@ class Case:
     def variant_names(self, cfg: Config, only=None) -> list:
         """The variants ``build`` creates: ours, then the baselines (``compiled`` only when
         ``cfg.compile``), restricted to ``only`` when given."""
+        import re
+        compiled = (cfg.compile and self.params.get("mode") != "bwd"
+                    and (cfg.compile_only is None or re.search(cfg.compile_only, self.name)))
         names = [f"rezero[{b}]" for b in cfg.backends] + [
-            b for b in self.baselines if b != "compiled" or (cfg.compile and self.params.get("mode") != "bwd")]
+            b for b in self.baselines if b != "compiled" or compiled]
         return [n for n in names if only is None or n in only]
 
 
 # ---------------------------------------------------------------------------------------------
 # ops
 
-def op_shape(op: str, dtype: str, size: str, tiny: bool) -> dict:
-    """Small: about 1 MiB per main tensor (stays in cache); large: 32 MiB per main tensor."""
+def op_shape(op: str, dtype: str, size: str, tiny: bool, device: str = "cpu") -> dict:
+    """Small: about 1 MiB per main tensor (stays in cache); large: 32 MiB per main tensor on
+    the CPU, 128 MiB on a GPU (more than an H100's 50 MB or an H200's 60 MB of L2, so the copy
+    baseline and the kernels stream from memory)."""
     elt = torch.finfo(DTYPES[dtype]).bits // 8
+    if size in HOST_SIZES:
+        rows, cols = HOST_SIZES[size]
+        return {"rows": rows, "cols": cols, "k": cols}
     if tiny:
         return {"rows": 64, "cols": 256, "k": 64}
     if size == "small":
         return {"rows": 256 * 4 // elt, "cols": 1024, "k": 256}
-    return {"rows": (32 << 20) // (2048 * elt), "cols": 2048, "k": 512}
+    mib = 128 if device.startswith("cuda") else 32
+    return {"rows": (mib << 20) // (2048 * elt), "cols": 2048, "k": 512}
 
 
 def _op_bytes(op: str, mode: str, n: int, elt: int):
@@ -134,6 +146,8 @@ def _op_inputs(op, dtype, shp, device):
         return (t(r, c), t(r, c), alpha)
     if op == "bias_act_dropout":
         return (t(r, c), t(c))
+    if op == "linear_bias_act_dropout":
+        return (t(r, k), t(c, k) / k ** 0.5, t(c))
     return (t(r, c), t(r, k), t(c, k) / k ** 0.5, t(c), alpha)
 
 
@@ -144,10 +158,14 @@ def _op_fn(op: str, p: float, variant: str):
         return {"rezero_residual": lambda x, fx, a: fused.rezero_residual(x, fx, a, p, True, b),
                 "bias_act_dropout": lambda h, bias: fused.bias_act_dropout(h, bias, ACTIVATION, p, True, b),
                 "rezero_linear": lambda x, i, w, bias, a: fused.rezero_linear(x, i, w, bias, a, p, True, b),
+                "linear_bias_act_dropout": lambda i, w, bias: fused.linear_bias_act_dropout(
+                    i, w, bias, ACTIVATION, p, True, b),
                 }[op]
     return {"rezero_residual": lambda x, fx, a: python_ref.rezero_residual(x, fx, a, p, True),
             "bias_act_dropout": lambda h, bias: python_ref.bias_act_dropout(h, bias, ACTIVATION, p, True),
             "rezero_linear": lambda x, i, w, bias, a: python_ref.rezero_linear(x, i, w, bias, a, p, True),
+            "linear_bias_act_dropout": lambda i, w, bias: python_ref.linear_bias_act_dropout(
+                i, w, bias, ACTIVATION, p, True),
             }[op]
 
 
@@ -171,23 +189,29 @@ def _mode_call(f, inputs, mode, grad_out=None):
     return lambda: torch.autograd.grad(f(*inputs), inputs, grad_out)
 
 
+_LABELS = {"rezero_residual": "residual", "bias_act_dropout": f"bias+{ACTIVATION}+dropout",
+           "rezero_linear": "linear+residual", "linear_bias_act_dropout": f"linear+{ACTIVATION}+dropout"}
+
+
 def _make_op_case(op, mode, dtype, size, p):
-    name = f"op/{op}/{mode}/{dtype}/{size}/p{p:g}"
-    label = {"rezero_residual": "residual", "bias_act_dropout": f"bias+{ACTIVATION}+dropout",
-             "rezero_linear": "linear+residual"}[op]
-    title = f"{label} {mode} {dtype} {size} p={p:g}"
+    """An op case: ``op/...`` at the small and large sizes (kernel-bound, with a bandwidth or
+    GEMM-floor roofline), ``host/...`` at the host-bound sizes (8x8, 64x256)."""
+    group = "host" if size in HOST_SIZES else "op"
+    name = f"{group}/{op}/{mode}/{dtype}/{size}/p{p:g}"
+    title = f"{_LABELS[op]} {mode} {dtype} {size} p={p:g}"
+    gemm = op in ("rezero_linear", "linear_bias_act_dropout")
+    baselines = ("eager",) if group == "host" else (
+        "eager", "compiled", "floor" if gemm else "copy")
 
     def build(cfg: Config, only=None) -> Built:
         want = case.variant_names(cfg, only)
-        shp = op_shape(op, dtype, size, cfg.tiny)
+        shp = op_shape(op, dtype, size, cfg.tiny, cfg.device)
         inputs = _op_inputs(op, DTYPES[dtype], shp, cfg.device)
+        out_like = _op_fn(op, p, "eager")(*inputs).detach()
+        grad_out = torch.randn_like(out_like) if mode != "fwd" else None
         main = inputs[0]
-        grad_out = torch.randn_like(main) if mode != "fwd" else None
-        elt = main.element_size()
-        n = main.numel()
-        nbytes = _op_bytes(op, mode, n, elt)
-        built = Built({}, shape=f"{shp['rows']}x{shp['cols']}"
-                      + (f" (K={shp['k']})" if op == "rezero_linear" else ""))
+        nbytes = _op_bytes(op, mode, main.numel(), main.element_size())
+        built = Built({}, shape=f"{shp['rows']}x{shp['cols']}" + (f" (K={shp['k']})" if gemm else ""))
         for v in want:
             if v.startswith("rezero[") or v == "eager":
                 built.variants[v] = _mode_call(_op_fn(op, p, v), inputs, mode, grad_out)
@@ -195,7 +219,7 @@ def _make_op_case(op, mode, dtype, size, p):
                 f = _compiled_op(op, p)
                 key = (op, p, dtype, size, cfg.tiny)
                 if key not in _COMPILE_S:  # first fwd+bwd call: compiles both graphs
-                    first = _mode_call(f, inputs, "fwd+bwd", torch.randn_like(main))
+                    first = _mode_call(f, inputs, "fwd+bwd", torch.randn_like(out_like))
                     _COMPILE_S[key] = timing.once(first, cfg.device)
                 built.compile_s[v] = _COMPILE_S[key]
                 built.variants[v] = _mode_call(f, inputs, mode, grad_out)
@@ -207,9 +231,8 @@ def _make_op_case(op, mode, dtype, size, p):
                 built.bytes[v] = nbytes
         return built
 
-    case = Case(name, "op", title, {"op": op, "mode": mode, "dtype": dtype, "size": size,
-                                    "dropout": p},
-                ("eager", "compiled", "floor" if op == "rezero_linear" else "copy"), build)
+    case = Case(name, group, title, {"op": op, "mode": mode, "dtype": dtype, "size": size,
+                                     "dropout": p}, baselines, build)
     return case
 
 
@@ -233,32 +256,33 @@ class LayerShape:
 LAYER = LayerShape(512, 8, 2048, 32, 128)
 STACK_12 = LayerShape(512, 8, 2048, 8, 128)
 STACK_DEEP = LayerShape(128, 4, 512, 8, 64)   # 64 and 128 layers: small width/tokens for CPU
+STACK_NARROW = LayerShape(64, 4, 256, 8, 64)  # "encoder64-d64": host-bound on any machine
 TINY_LAYER = LayerShape(64, 4, 128, 2, 16)
 TINY_STACK = LayerShape(32, 2, 64, 2, 8)
 
 
-def _layer_kwargs(s: LayerShape, device):
+def _layer_kwargs(s: LayerShape, device, dtype=torch.float32):
     return dict(d_model=s.d_model, nhead=s.nhead, dim_feedforward=s.dim_ff, dropout=s.dropout,
-                activation="relu", batch_first=True, device=device)
+                activation="relu", batch_first=True, device=device, dtype=dtype)
 
 
-def _reference_layer(kind, s, device):
+def _reference_layer(kind, s, device, dtype=torch.float32):
     cls = python_ref.RZTXEncoderLayer if kind == "encoder" else python_ref.RZTXDecoderLayer
-    return cls(**_layer_kwargs(s, device), alpha_init=0.5)
+    return cls(**_layer_kwargs(s, device, dtype), alpha_init=0.5)
 
 
-def _make_layer(variant, kind, s, device, reference):
+def _make_layer(variant, kind, s, device, reference, dtype=torch.float32):
     """One layer of ``variant``; ours and the reference's copies share the reference's weights."""
     if variant.startswith("rezero["):
         cls = rzk.RZTXEncoderLayer if kind == "encoder" else rzk.RZTXDecoderLayer
-        layer = cls(**_layer_kwargs(s, device), backend=variant[len("rezero["):-1])
+        layer = cls(**_layer_kwargs(s, device, dtype), backend=variant[len("rezero["):-1])
         layer.load_state_dict(reference.state_dict())
         return layer
     if variant in ("eager", "compiled"):
         return copy.deepcopy(reference)
     if variant.startswith("nn.TEL"):
         cls = nn.TransformerEncoderLayer if kind == "encoder" else nn.TransformerDecoderLayer
-        return cls(**_layer_kwargs(s, device), norm_first=variant.endswith("(norm_first)"))
+        return cls(**_layer_kwargs(s, device, dtype), norm_first=variant.endswith("(norm_first)"))
     raise ValueError(variant)
 
 
@@ -275,24 +299,26 @@ def _layer_call(model, args, train: bool, grad_out):
     return infer
 
 
-def _make_layer_case(kind, mode):
-    name = f"layer/{kind}/{mode}/fp32"
-    title = f"{kind} layer {'training step' if mode == 'train' else 'inference'}"
+def _make_layer_case(kind, mode, dtype="fp32"):
+    name = f"layer/{kind}/{mode}/{dtype}"
+    title = f"{kind} layer {'training step' if mode == 'train' else 'inference'} {dtype}"
+    dt = DTYPES[dtype]
 
     def build(cfg: Config, only=None) -> Built:
         s = TINY_LAYER if cfg.tiny else LAYER
         train = mode == "train"
         want = case.variant_names(cfg, only)
         torch.manual_seed(cfg.seed)
-        reference = _reference_layer(kind, s, cfg.device)
-        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, requires_grad=train)
+        reference = _reference_layer(kind, s, cfg.device, dt)
+        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, dtype=dt, requires_grad=train)
         args = (x,) if kind == "encoder" else (
-            x, torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, requires_grad=train))
+            x, torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, dtype=dt,
+                           requires_grad=train))
         grad_out = torch.randn_like(x) if train else None
         built = Built({}, tokens=s.batch * s.seq, shape=s.text())
         for v in want:
-            model = roofline.LayerFloor(reference) if v == "floor" else _make_layer(v, kind, s, cfg.device,
-                                                                        reference)
+            model = roofline.LayerFloor(reference) if v == "floor" else _make_layer(
+                v, kind, s, cfg.device, reference, dt)
             model.train(train)
             if v == "compiled":
                 model = torch.compile(model, dynamic=False)
@@ -304,7 +330,7 @@ def _make_layer_case(kind, mode):
                 built.saved[v] = (lambda model=model: model(*args), list(model.parameters()))
         return built
 
-    case = Case(name, "layer", title, {"kind": kind, "mode": mode, "dtype": "fp32"},
+    case = Case(name, "layer", title, {"kind": kind, "mode": mode, "dtype": dtype},
                 ("eager", "compiled", "nn.TEL", "nn.TEL(norm_first)", "floor"), build)
     return case
 
@@ -317,22 +343,27 @@ def stack_shape(depth: int, tiny: bool) -> LayerShape:
     return TINY_STACK if tiny else (STACK_12 if depth <= 12 else STACK_DEEP)
 
 
-def _make_stack_case(depth):
-    name = f"stack/encoder{depth}/train/fp32"
-    title = f"{depth}-layer encoder stack training step"
+def _make_stack_case(depth, dtype="fp32", shape=None, tag=""):
+    name = f"stack/encoder{depth}{tag}/train/{dtype}"
+    dt = DTYPES[dtype]
+
+    def layer_shape(tiny):
+        return TINY_STACK if tiny else (shape or stack_shape(depth, tiny))
+    title = f"{depth}-layer encoder stack training step {dtype}" + (
+        f" [d{shape.d_model}]" if shape else "")
 
     def build(cfg: Config, only=None) -> Built:
-        s = stack_shape(depth, cfg.tiny)
+        s = layer_shape(cfg.tiny)
         want = case.variant_names(cfg, only)
         torch.manual_seed(cfg.seed)
-        refs = [_reference_layer("encoder", s, cfg.device) for _ in range(depth)]
-        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device)
+        refs = [_reference_layer("encoder", s, cfg.device, dt) for _ in range(depth)]
+        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, dtype=dt)
         grad_out = torch.randn_like(x)
         built = Built({}, tokens=s.batch * s.seq, shape=f"{depth} layers, {s.text()}",
                       note="training step = forward + autograd.grad w.r.t. all parameters "
                            "(no optimizer); compiled = each layer torch.compile'd")
         for v in want:
-            layers = [_make_layer(v, "encoder", s, cfg.device, r) for r in refs]
+            layers = [_make_layer(v, "encoder", s, cfg.device, r, dt) for r in refs]
             if v == "compiled":
                 for layer in layers:
                     layer.compile(dynamic=False)  # all layers share one compiled graph
@@ -345,8 +376,76 @@ def _make_stack_case(depth):
                 built.saved[v] = (lambda model=model: model(x), list(model.parameters()))
         return built
 
-    case = Case(name, "stack", title, {"depth": depth, "mode": "train", "dtype": "fp32"},
+    case = Case(name, "stack", title, {"depth": depth, "mode": "train", "dtype": dtype},
                 ("eager", "compiled", "nn.TEL", "nn.TEL(norm_first)"), build)
+    return case
+
+
+# ---------------------------------------------------------------------------------------------
+# deep fully connected ReZero nets (the paper's 10,000-layer claim): host-bound
+
+FC_DEPTHS = (1000, 10000)
+FC_WIDTHS = (64, 256)
+FC_BATCH = 128
+FC_COMPILE_MAX_DEPTH = 1000  # compiling the 10,000-layer net block by block takes too long
+
+
+class PlainReZeroFC(nn.Module):
+    """The block a user would write in plain PyTorch: ``x + alpha * relu(linear(x))``."""
+
+    def __init__(self, width, device=None):
+        super().__init__()
+        self.linear = nn.Linear(width, width, device=device)
+        self.alpha = nn.Parameter(torch.zeros(1, device=device))
+
+    def forward(self, x):
+        return x + self.alpha * torch.relu(self.linear(x))
+
+
+def _fc_net(variant, depth, width, device):
+    """The ``rezero_fc_net`` of ``variant``: ours on a backend, ``eager`` = backend "torch"
+    (python_ref's ops), ``compiled`` = the eager net with each block torch.compile'd, ``nn`` =
+    the same net from ``PlainReZeroFC`` blocks."""
+    if variant == "nn":
+        return nn.Sequential(nn.Linear(width, width, device=device),
+                             *[PlainReZeroFC(width, device) for _ in range(depth)],
+                             nn.Linear(width, 10, device=device))
+    backend = variant[len("rezero["):-1] if variant.startswith("rezero[") else "torch"
+    net = rzk.rezero_fc_net(depth, width, in_features=width, out_features=10, device=device,
+                            backend=backend)
+    if variant == "compiled":
+        for block in net[1:-1]:
+            block.compile(dynamic=False)  # every block shares one compiled graph
+    return net
+
+
+def _make_fc_case(depth, width):
+    name = f"fc/depth{depth}/width{width}/train/fp32"
+    title = f"ReZero FC net training step, {depth} layers, width {width}"
+
+    def build(cfg: Config, only=None) -> Built:
+        d = 20 if cfg.tiny else depth
+        want = case.variant_names(cfg, only)
+        if d > FC_COMPILE_MAX_DEPTH:
+            want = [v for v in want if v != "compiled"]
+        torch.manual_seed(cfg.seed)
+        x = torch.randn(FC_BATCH, width, device=cfg.device)
+        built = Built({}, tokens=FC_BATCH, shape=f"{d} layers, width {width}, batch {FC_BATCH}",
+                      note="training step = forward + autograd.grad of the output w.r.t. all "
+                           "parameters; alpha = 0 (the initialisation); compiled: blocks "
+                           f"compiled one by one, only up to {FC_COMPILE_MAX_DEPTH} layers")
+        grad_out = torch.randn(FC_BATCH, 10, device=cfg.device)
+        for v in want:
+            net = _fc_net(v, d, width, cfg.device).train()
+            params = list(net.parameters())
+            call = lambda net=net, params=params: torch.autograd.grad(net(x), params, grad_out)
+            if v == "compiled":
+                built.compile_s[v] = timing.once(call, cfg.device)
+            built.variants[v] = call
+        return built
+
+    case = Case(name, "fc", title, {"depth": depth, "width": width, "mode": "train",
+                                    "dtype": "fp32"}, ("eager", "compiled", "nn"), build)
     return case
 
 
@@ -355,9 +454,13 @@ def _make_stack_case(depth):
 def all_cases() -> list:
     cases = [_make_op_case(op, mode, dt, size, p) for op in OPS for mode in OP_MODES
              for dt in DTYPES for size in SIZES for p in DROPOUTS]
-    cases += [_make_layer_case(kind, mode) for kind in ("encoder", "decoder")
-              for mode in ("train", "infer")]
-    cases += [_make_stack_case(d) for d in DEPTHS]
+    cases += [_make_op_case(op, mode, "fp32", size, p) for op in HOST_OPS
+              for mode in ("fwd", "fwd+bwd") for size in HOST_SIZES for p in DROPOUTS]
+    cases += [_make_layer_case(kind, mode, dt) for kind in ("encoder", "decoder")
+              for mode in ("train", "infer") for dt in DTYPES]
+    cases += [_make_stack_case(d, dt) for d in DEPTHS for dt in DTYPES]
+    cases += [_make_stack_case(64, "fp32", STACK_NARROW, "-d64")]
+    cases += [_make_fc_case(d, w) for d in FC_DEPTHS for w in FC_WIDTHS]
     return headline_first(cases)
 
 
@@ -366,12 +469,36 @@ HEADLINE = (
     "op/rezero_residual/fwd+bwd/fp32/large/p0",
     "op/rezero_residual/fwd+bwd/fp32/large/p0.1",
     "layer/encoder/train/fp32",
+    "fc/depth1000/width64/train/fp32",
 )
-# ``--quick``: the headline, the roofline of the residual forward, and a 64-layer stack.
+# ``--quick``: the headline, the roofline of the residual forward, the host-bound cases of the
+# issue targets, and the 64-layer stacks.
 QUICK = HEADLINE + (
     "op/rezero_residual/fwd/fp32/large/p0",
+    "host/rezero_residual/fwd+bwd/fp32/8x8/p0",
+    "host/rezero_residual/fwd+bwd/fp32/8x8/p0.1",
+    "stack/encoder64-d64/train/fp32",
     "stack/encoder64/train/fp32",
 )
+# ``--gpu``: what a GPU run measures (bench/results/gpu/), in about three minutes: bandwidth of
+# the elementwise ops as a share of a copy, the fused GEMM epilogue against matmul + eager
+# epilogue and torch.compile, triton against cuda everywhere, the host-bound ops and nets, a
+# layer and bf16 stacks.
+GPU = HEADLINE[:2] + (
+    "layer/encoder/train/bf16",
+    "stack/encoder12/train/bf16",
+    "stack/encoder64/train/bf16",
+    "fc/depth1000/width64/train/fp32",
+    "op/rezero_residual/fwd/fp32/large/p0",
+) + tuple(f"op/{op}/{mode}/bf16/large/p0.1" for op in ("rezero_residual", "bias_act_dropout")
+          for mode in ("fwd", "bwd")) + tuple(
+    f"op/rezero_linear/fwd+bwd/bf16/large/p{p:g}" for p in DROPOUTS
+) + ("stack/encoder64-d64/train/fp32", "fc/depth10000/width64/train/fp32") + tuple(
+    f"host/{op}/fwd+bwd/fp32/8x8/p{p:g}" for op in HOST_OPS for p in DROPOUTS) + (
+    "host/rezero_residual/fwd/fp32/8x8/p0", "host/rezero_residual/fwd+bwd/fp32/64x256/p0")
+# torch.compile baselines of a --gpu run: the fused GEMM epilogue, the layer, the stacks, the
+# FC nets (elementwise ops are measured against the copy roofline instead)
+GPU_COMPILE = r"^(op/rezero_linear|layer|stack|fc)/"
 
 
 def headline_first(cases):
@@ -386,14 +513,15 @@ def by_name(name: str) -> Case:
     raise KeyError(name)
 
 
-def select(quick: bool, pattern: str | None = None) -> list:
-    """The cases of a run: ``QUICK`` or all, then those whose name matches ``pattern``
-    (a regular expression, searched)."""
+def select(quick: bool, pattern: str | None = None, preset: tuple | None = None) -> list:
+    """The cases of a run: ``preset`` (e.g. ``QUICK``, ``GPU``) in its order, or all, then those
+    whose name matches ``pattern`` (a regular expression, searched)."""
     import re
     cases = all_cases()
-    if quick:
-        cases = [c for c in cases if c.name in QUICK]
-        cases.sort(key=lambda c: QUICK.index(c.name))
+    preset = QUICK if quick and preset is None else preset
+    if preset is not None:
+        cases = [c for c in cases if c.name in preset]
+        cases.sort(key=lambda c: preset.index(c.name))
     if pattern:
         rx = re.compile(pattern)
         cases = [c for c in cases if rx.search(c.name)]

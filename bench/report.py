@@ -183,9 +183,9 @@ def write_png(path, rows, meta) -> bool:
     except ImportError:
         return False
     ours = [r for r in rows if r["variant"].startswith("rezero[")]
-    ops = [r for r in ours if r["group"] == "op" and r.get("speedup_vs_eager")]
-    deep = [r for r in ours if r["group"] in ("layer", "stack")]
-    base_names = ["eager", "compiled", "nn.TEL", "nn.TEL(norm_first)", "floor"]
+    ops = [r for r in ours if r["group"] in ("op", "host") and r.get("speedup_vs_eager")]
+    deep = [r for r in ours if r["group"] in ("layer", "stack", "fc")]
+    base_names = ["eager", "compiled", "nn.TEL", "nn.TEL(norm_first)", "nn", "floor"]
     fig_h = 3.5 + 0.28 * max(len(ops), 1) + 0.5 * max(len(deep), 1)
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, fig_h),
                                    gridspec_kw={"height_ratios": [max(len(ops), 1),
@@ -212,11 +212,12 @@ def write_png(path, rows, meta) -> bool:
                    [f"{r['title']}\n{r['variant']}" for r in deep], fontsize=7)
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set_ylabel("baseline time / ours (x)")
-    ax2.set_title("layers and stacks by depth (floor: < 1 means slower than GEMMs+attention alone)")
+    ax2.set_title("layers, stacks and FC nets (floor: < 1 means slower than GEMMs+attention "
+                  "alone; nn: plain nn.Linear+ReLU blocks)")
     if deep:
         ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.suptitle(f"rezero-kernels, {meta['cpu_model']}, {meta['threads']} threads, "
-                 f"torch {meta['torch']}", fontsize=9)
+    where = meta["gpu"] or f"{meta['cpu_model']}, {meta['threads']} threads"
+    fig.suptitle(f"rezero-kernels, {where}, torch {meta['torch']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,6 +6,8 @@ RES_FWD = "op/rezero_residual/fwd/fp32/large/p0"
 RES_FB = "op/rezero_residual/fwd+bwd/fp32/large/p{p}"
 LAYER_TRAIN = "layer/encoder/train/fp32"
 STACK_64 = "stack/encoder64/train/fp32"
+STACK_64_D64 = "stack/encoder64-d64/train/fp32"
+FC_1000 = "fc/depth1000/width64/train/fp32"
 
 
 def _row(rows, case, variant):
@@ -87,6 +89,30 @@ def evaluate(rows) -> list:
             s = b["median_ms"] / r["median_ms"]
             out.append(_check(name, r["variant"], f"{s:.2f}x", "> 1x", s > 1.0,
                               f"{1 / s - 1:.0%} slower"))
+
+    # host-bound: every op at 8x8 and 64x256 no slower than eager, 1.5x faster with dropout
+    for case in sorted({r["case"] for r in rows if r["group"] == "host"}):
+        p = next(r["dropout"] for r in rows if r["case"] == case)
+        need = 1.5 if p else 1.0
+        for r in _ours(rows, case):
+            s = r["speedup_vs_eager"]
+            out.append(_check(f"host-bound {case[len('host/'):]} >= {need:g}x eager",
+                              r["variant"], f"{s:.2f}x", f">= {need:g}x", s >= need,
+                              f"{need - s:.2f}x short"))
+
+    # deep narrow nets, where host time is all there is
+    for case, base, need in ((FC_1000, "eager", 1.5), (FC_1000, "nn", 1.0),
+                             (STACK_64_D64, "eager", 1.3)):
+        label = {"eager": "eager python_ref" if case == STACK_64_D64 else 'backend="torch"',
+                 "nn": "plain nn.Linear+ReLU blocks"}[base]
+        name = f"{case.split('/train')[0]} train step >= {need:g}x {label}"
+        b, ours = _row(rows, case, base), _ours(rows, case)
+        if b is None or not ours:
+            out.append(_na(name, "case not run"))
+        for r in ours if b else ():
+            s = b["median_ms"] / r["median_ms"]
+            out.append(_check(name, r["variant"], f"{s:.2f}x", f">= {need:g}x", s >= need,
+                              f"{need - s:.2f}x short"))
 
     # bytes saved for backward per layer below the reference's
     for case in sorted({r["case"] for r in rows if r.get("saved_bytes_per_layer") is not None}):
