@@ -35,11 +35,12 @@ gpu() {
     exit 1
   fi
   mkdir -p "$out"
+  rm -f "$out"/*.log
   export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
   stage() {  # stage NAME SECONDS LOG COMMAND...: run, time out, record failure
     local name=$1 limit=$2 log=$3 t0=$SECONDS rc=0
     shift 3
-    timeout "$limit" "$@" > "$log" 2>&1 || rc=$?
+    timeout "$limit" "$@" >> "$log" 2>&1 || rc=$?
     printf '%-10s %s in %ss (log: %s)\n' "$name" "$([ $rc = 0 ] && echo ok || echo "FAILED rc=$rc")" \
       "$((SECONDS - t0))" "$log"
     [ $rc = 0 ] || failed+=("$name")
@@ -65,10 +66,10 @@ gpu() {
   local subset="misaligned or empty_tensors or never_reads or bitwise or current_stream or (large_bias_act and cuda)"
   if command -v compute-sanitizer > /dev/null; then
     for tool in memcheck racecheck; do
-      stage "$tool" 75 "$out/$tool.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
+      stage "$tool" 75 "$out/sanitizer.log" compute-sanitizer --tool "$tool" --error-exitcode 9 \
         "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py -k "$subset"
-      grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|passed\|failed" "$out/$tool.log" | tail -2 || true
     done
+    grep -h "ERROR SUMMARY\|RACECHECK SUMMARY\|passed\|failed" "$out/sanitizer.log" || true
   else
     echo "compute-sanitizer not found: skipped"
   fi
