@@ -59,8 +59,8 @@ gpu() {
   fi
   "$PY" -c "import rezero_kernels as r; print('backends', r.backends())"
   local xdist=()
-  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n 8)
-  stage tests 200 "$out/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE "${xdist[@]}" \
+  "$PY" -c "import xdist" 2>/dev/null && xdist=(-n "$(nproc)")
+  stage tests 240 "$out/tests.log" "$PY" -m pytest -q -p no:cacheprovider -rfE "${xdist[@]}" \
     tests/test_parity.py tests/test_gpu.py tests/test_triton_backend.py tests/test_compiled_ops.py
   tail -3 "$out/tests.log" || true
   local subset="misaligned or empty_tensors or never_reads or bitwise or current_stream or (large_bias_act and cuda)"
@@ -73,7 +73,7 @@ gpu() {
   else
     echo "compute-sanitizer not found: skipped"
   fi
-  stage bench 180 "$out/bench.log" "$PY" -m bench --gpu --no-peak --out "$out"
+  stage bench 200 "$out/bench.log" "$PY" -m bench --gpu --no-peak --out "$out"
   sed -n '/== Headline/,/== All results/p' "$out/bench.log" | head -n -1 || true
   if [ ${#failed[@]} -gt 0 ]; then echo "dev.sh gpu: FAILED: ${failed[*]}"; return 1; fi
   echo "dev.sh gpu: all stages passed; results in $out"
