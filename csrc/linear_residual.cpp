@@ -69,6 +69,18 @@ at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at:
   return residual_op(x, f, alpha, p, seed);
 }
 
+// a @ b with a float32 (float64 for float64) result.  G = dy'^T inp feeds grad_alpha, a sum over
+// all of W * G: rounding G to 16 bits, as a 16-bit GEMM would, made that sum up to 20x less
+// accurate than eager's.  cuBLAS produces the float32 result from the 16-bit operands (mm's
+// out_dtype overload, torch >= 2.8); the CPU has no such kernel and computes 16-bit GEMMs slower
+// than float32 ones anyway, so it widens the operands.
+at::Tensor mm_math(const at::Tensor& a, const at::Tensor& b) {
+  const auto st = a.scalar_type();
+  if (st == at::kFloat || st == at::kDouble) return at::mm(a, b);
+  if (a.is_cuda()) return at::mm(a, b, at::kFloat);
+  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+}
+
 // mask says which of (grad_inp, grad_weight, grad_bias, grad_alpha) to compute; the others are
 // returned undefined, and their GEMMs and reductions are skipped.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backward(
@@ -81,13 +93,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backw
   const at::Tensor dy2 = as_matrix(dy).to(weight.scalar_type());
   const at::Tensor alpha_rows = alpha.view({-1, 1});
   at::Tensor grad_inp, grad_weight, grad_bias, grad_alpha, g;
-  if (mask[1] || mask[3]) g = at::mm(dy2.t(), as_matrix(inp));  // (out, in)
+  if (mask[1] || mask[3]) g = mm_math(dy2.t(), as_matrix(inp));  // (out, in), math type
   if (mask[0])
     grad_inp = at::mm(dy2, (weight * alpha_rows).to(weight.scalar_type())).view(inp.sizes());
   if (mask[1]) grad_weight = (g * alpha_rows).to(weight.scalar_type());
   if (mask[2]) grad_bias = (colsum * alpha).to(bias.scalar_type());
   if (mask[3]) {
-    const at::Tensor per_row = (weight.to(alpha.scalar_type()) * g.to(alpha.scalar_type())).sum(1) +
+    const at::Tensor per_row = (weight.to(alpha.scalar_type()) * g).sum(1) +
                                bias.to(alpha.scalar_type()) * colsum;
     grad_alpha = alpha.numel() == 1 ? per_row.sum().reshape({1}) : per_row;
   }

@@ -1,7 +1,10 @@
 """Checking a backend's op against ``python_ref``: forward and every gradient.
 
-The reference runs in float64 on the same inputs with the backend's own dropout mask (recovered
-by ``probe_mask``).  float32/float64 results must match it tightly.  For bfloat16/float16 the
+The reference runs in float64 on the very values the backend gets (the inputs and grad_output
+rounded to the tested dtype), with the backend's own dropout mask (recovered by ``probe_mask``),
+so what is measured is the error of the computation, not the rounding of the inputs, which every
+implementation shares (and which eager's own rounding errors can cancel by chance).
+float32/float64 results must match it tightly.  For bfloat16/float16 the
 tolerance is argued from eager PyTorch: the backend's error against the float64 reference may be
 at most ``LOW_PRECISION_FACTOR`` times the error of ``python_ref`` run eagerly in the same dtype,
 plus one unit in the last place of the largest value (so an eager result that happens to be
@@ -45,8 +48,8 @@ def non_contiguous(t: torch.Tensor) -> torch.Tensor:
 
 def assert_parity(kernel_fn, ref_fn, inputs, grad_out, dtype, contiguous=True, names=None):
     """kernel_fn and ref_fn take the same positional tensors; inputs are float64 masters."""
-    ref = run(ref_fn, inputs, grad_out)
     cast = [t.to(dtype) for t in inputs]
+    ref = run(ref_fn, [t.double() for t in cast], grad_out.to(dtype).double())
     if not contiguous:
         cast = [non_contiguous(t) if t.dim() >= 2 else t for t in cast]
         assert not any(t.is_contiguous() for t in cast if t.dim() >= 2 and t.shape[-1] > 1)
