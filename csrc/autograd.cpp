@@ -10,6 +10,7 @@
 // a second backward reaches it.  Inputs whose gradient nobody asked for are skipped
 // (needs_input_grad), down to the GEMMs of linear_residual's backward.
 #include <ATen/ATen.h>
+#include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/library.h>
@@ -125,20 +126,37 @@ struct LinearFn : Function<LinearFn> {
   }
 };
 
+// torch.func's grad/vjp/jvp cannot differentiate through a C++ autograd Function; say so in
+// our terms (torch's own message names neither the op nor a way out).  vmap alone is fine.
+template <class Fn, class... Args>
+at::Tensor apply(const Args&... args) {
+  if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
+    try {
+      functorch->checkSupportsCppAutogradFunction();
+    } catch (const c10::Error&) {
+      TORCH_CHECK_NOT_IMPLEMENTED(false,
+                                  "rezero_kernels: torch.func transforms that differentiate "
+                                  "(grad, vjp, jvp, jacrev, ...) cannot run through the fused "
+                                  "ops; use backend='torch' inside them");
+    }
+  }
+  return Fn::apply(args...);
+}
+
 at::Tensor residual_autograd(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha,
                              double p, const at::Tensor& seed) {
-  return ResidualFn::apply(x, fx, alpha, p, seed);
+  return apply<ResidualFn>(x, fx, alpha, p, seed);
 }
 
 at::Tensor bias_act_autograd(const at::Tensor& h, const at::Tensor& bias,
                              c10::string_view activation, double p, const at::Tensor& seed) {
-  return BiasActFn::apply(h, bias, activation, p, seed);
+  return apply<BiasActFn>(h, bias, activation, p, seed);
 }
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& alpha, double p,
                            const at::Tensor& seed) {
-  return LinearFn::apply(x, inp, weight, bias, alpha, p, seed);
+  return apply<LinearFn>(x, inp, weight, bias, alpha, p, seed);
 }
 
 // --- the backward ops: a second backward through them is an error -------------------------

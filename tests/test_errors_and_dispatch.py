@@ -95,3 +95,34 @@ print("ok")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             cwd=tmp_path, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+@pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+@pytest.mark.parametrize("transform", ["grad", "vjp"])
+def test_torch_func_transforms_name_the_way_out(transform):
+    """torch.func cannot differentiate through the compiled ops' C++ autograd: a clear error
+    that names rezero_kernels and backend='torch', which works there."""
+    x, fx, a = torch.randn(4, 8), torch.randn(4, 8), torch.ones(1)
+
+    def f(fx, backend="auto"):
+        return F.rezero_residual(x, fx, a, 0.0, backend=backend).sum()
+    run = {"grad": lambda fn: torch.func.grad(fn)(fx),
+           "vjp": lambda fn: torch.func.vjp(fn, fx)[1](torch.tensor(1.0))[0]}[transform]
+    with pytest.raises(NotImplementedError, match="rezero_kernels.*backend='torch'"):
+        run(f)
+    torch.testing.assert_close(run(lambda fx: f(fx, "torch")), torch.ones(4, 8))
+
+
+@pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+def test_editing_a_kept_tensor_in_place_makes_backward_raise(activation):
+    """bias_act_dropout keeps its output (relu) or its input h (other activations) for backward
+    (README, "What is kept for backward"); changing that tensor in place after forward makes
+    backward raise, never return a wrong gradient."""
+    base, bias = torch.randn(4, 8, requires_grad=True), torch.zeros(8, requires_grad=True)
+    h = base * 1
+    y = F.bias_act_dropout(h, bias, activation, 0.1)
+    with torch.no_grad():
+        (y if activation == "relu" else h).add_(1)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad((y * 1).sum(), base)
