@@ -43,7 +43,7 @@ from . import roofline, timing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ("rezero_residual", "bias_act_dropout", "rezero_linear")
-HOST_OPS = OPS + ("linear_bias_act_dropout",)
+HOST_OPS = OPS + ("linear_bias_act_dropout", "rezero_fc")
 HOST_SIZES = {"8x8": (8, 8), "64x256": (64, 256)}  # host-bound: the kernels cost next to nothing
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
 DROPOUTS = (0.0, 0.1)
@@ -148,6 +148,8 @@ def _op_inputs(op, dtype, shp, device):
         return (t(r, c), t(c))
     if op == "linear_bias_act_dropout":
         return (t(r, k), t(c, k) / k ** 0.5, t(c))
+    if op == "rezero_fc":
+        return (t(r, c), t(c, c) / c ** 0.5, t(c), alpha)
     return (t(r, c), t(r, k), t(c, k) / k ** 0.5, t(c), alpha)
 
 
@@ -160,12 +162,16 @@ def _op_fn(op: str, p: float, variant: str):
                 "rezero_linear": lambda x, i, w, bias, a: fused.rezero_linear(x, i, w, bias, a, p, True, b),
                 "linear_bias_act_dropout": lambda i, w, bias: fused.linear_bias_act_dropout(
                     i, w, bias, ACTIVATION, p, True, b),
+                "rezero_fc": lambda x, w, bias, a: fused.rezero_fc(x, w, bias, a, ACTIVATION, p,
+                                                                   True, b),
                 }[op]
     return {"rezero_residual": lambda x, fx, a: python_ref.rezero_residual(x, fx, a, p, True),
             "bias_act_dropout": lambda h, bias: python_ref.bias_act_dropout(h, bias, ACTIVATION, p, True),
             "rezero_linear": lambda x, i, w, bias, a: python_ref.rezero_linear(x, i, w, bias, a, p, True),
             "linear_bias_act_dropout": lambda i, w, bias: python_ref.linear_bias_act_dropout(
                 i, w, bias, ACTIVATION, p, True),
+            "rezero_fc": lambda x, w, bias, a: python_ref.rezero_fc(x, w, bias, a, ACTIVATION, p,
+                                                                    True),
             }[op]
 
 
@@ -190,7 +196,8 @@ def _mode_call(f, inputs, mode, grad_out=None):
 
 
 _LABELS = {"rezero_residual": "residual", "bias_act_dropout": f"bias+{ACTIVATION}+dropout",
-           "rezero_linear": "linear+residual", "linear_bias_act_dropout": f"linear+{ACTIVATION}+dropout"}
+           "rezero_linear": "linear+residual", "linear_bias_act_dropout": f"linear+{ACTIVATION}+dropout",
+           "rezero_fc": f"FC block ({ACTIVATION})"}
 
 
 def _make_op_case(op, mode, dtype, size, p):
@@ -199,7 +206,7 @@ def _make_op_case(op, mode, dtype, size, p):
     group = "host" if size in HOST_SIZES else "op"
     name = f"{group}/{op}/{mode}/{dtype}/{size}/p{p:g}"
     title = f"{_LABELS[op]} {mode} {dtype} {size} p={p:g}"
-    gemm = op in ("rezero_linear", "linear_bias_act_dropout")
+    gemm = op in ("rezero_linear", "linear_bias_act_dropout", "rezero_fc")
     baselines = ("eager",) if group == "host" else (
         "eager", "compiled", "floor" if gemm else "copy")
 

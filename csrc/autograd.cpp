@@ -6,6 +6,7 @@
 //   bias_act_dropout  h, bias, seed                (relu: its output y with a zero bias, since
 //                                                   y > 0 exactly where relu passes gradient)
 //   linear_residual   inp, weight, bias, alpha, seed  (not the GEMM output; linear_residual.cpp)
+//   rezero_fc         x, weight, alpha, seed and act(F) for relu, else F (rezero_fc.cpp)
 // The *_backward ops are not differentiable: their Autograd kernels record a node that raises if
 // a second backward reaches it.  Inputs whose gradient nobody asked for are skipped
 // (needs_input_grad), down to the GEMMs of linear_residual's backward.
@@ -129,7 +130,7 @@ struct LinearFn : Function<LinearFn> {
 // torch.func's grad/vjp/jvp cannot differentiate through a C++ autograd Function; say so in
 // our terms (torch's own message names neither the op nor a way out).  vmap alone is fine.
 template <class Fn, class... Args>
-at::Tensor apply(const Args&... args) {
+auto apply(const Args&... args) {
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
     try {
       functorch->checkSupportsCppAutogradFunction();
@@ -142,6 +143,42 @@ at::Tensor apply(const Args&... args) {
   }
   return Fn::apply(args...);
 }
+
+// --- rezero_fc: y = x + alpha * dropout(act(x @ weight^T + bias)) -----------------------
+
+using FcSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, c10::string_view, double, const at::Tensor&);
+using FcBwdSig = TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, c10::string_view, double,
+                            const at::Tensor&, std::array<bool, 4>);
+
+struct FcFn : Function<FcFn> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                               const at::Tensor& bias, const at::Tensor& alpha,
+                               c10::string_view activation, double p, const at::Tensor& seed) {
+    static const auto impl = op<FcSig>("rezero_kernels::rezero_fc");
+    at::AutoDispatchBelowADInplaceOrView below;
+    auto [y, kept] = impl.call(x, weight, bias, alpha, activation, p, seed);
+    ctx->saved_data["p"] = p;
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->save_for_backward({x, weight, alpha, kept, seed});
+    ctx->mark_non_differentiable({kept});
+    return {y, kept};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto impl = op<FcBwdSig>("rezero_kernels::rezero_fc_backward");
+    const auto s = ctx->get_saved_variables();
+    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
+                                      ctx->needs_input_grad(2), ctx->needs_input_grad(3)};
+    at::Tensor gx, gw, gb, ga;
+    if (mask[0] || mask[1] || mask[2] || mask[3])
+      std::tie(gx, gw, gb, ga) =
+          impl.call(grads[0].contiguous(), s[0], s[1], s[2], s[3],
+                    ctx->saved_data["activation"].toStringRef(), ctx->saved_data["p"].toDouble(),
+                    s[4], mask);
+    return {gx, gw, gb, ga, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
 
 at::Tensor residual_autograd(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha,
                              double p, const at::Tensor& seed) {
@@ -157,6 +194,13 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& inp, const at:
                            const at::Tensor& bias, const at::Tensor& alpha, double p,
                            const at::Tensor& seed) {
   return apply<LinearFn>(x, inp, weight, bias, alpha, p, seed);
+}
+
+TensorPair rezero_fc_autograd(const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bias, const at::Tensor& alpha,
+                              c10::string_view activation, double p, const at::Tensor& seed) {
+  const variable_list out = apply<FcFn>(x, weight, bias, alpha, activation, p, seed);
+  return {out[0], out[1]};
 }
 
 // --- the backward ops: a second backward through them is an error -------------------------
@@ -228,6 +272,14 @@ TensorQuad linear_backward_autograd(const at::Tensor& grad, const at::Tensor& in
                                                   grad, inp, weight, bias, alpha, p, seed, mask);
 }
 
+TensorQuad rezero_fc_backward_autograd(const at::Tensor& grad, const at::Tensor& x,
+                                      const at::Tensor& weight, const at::Tensor& alpha,
+                                      const at::Tensor& kept, c10::string_view activation,
+                                      double p, const at::Tensor& seed, std::array<bool, 4> mask) {
+  return below_autograd<FcBwdSig, TensorQuad>("rezero_kernels::rezero_fc_backward", grad, x,
+                                              weight, alpha, kept, activation, p, seed, mask);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(rezero_kernels, Autograd, m) {
@@ -237,6 +289,8 @@ TORCH_LIBRARY_IMPL(rezero_kernels, Autograd, m) {
   m.impl("bias_act_dropout_backward", &bias_act_backward_autograd);
   m.impl("linear_residual", &linear_autograd);
   m.impl("linear_residual_backward", &linear_backward_autograd);
+  m.impl("rezero_fc", &rezero_fc_autograd);
+  m.impl("rezero_fc_backward", &rezero_fc_backward_autograd);
 }
 
 }  // namespace rezero

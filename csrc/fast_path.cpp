@@ -165,6 +165,26 @@ py::object linear_bias_act_dropout(py::handle inp_, py::handle weight_, py::hand
   return wrap(call_bias_act(at::matmul(*inp, weight->t()), bias, act, p));
 }
 
+py::object rezero_fc(py::handle x_, py::handle weight_, py::handle bias_, py::handle alpha_,
+                     py::handle activation, py::handle p_, py::handle training) {
+  static const auto impl =
+      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, const at::Tensor&,
+                                            c10::string_view, double, const at::Tensor&)>(
+          "rezero_kernels::rezero_fc");
+  const at::Tensor *x = tensor(x_), *weight = tensor(weight_);
+  const at::Tensor zero_bias = zeros_for(bias_, weight);
+  const at::Tensor* bias = bias_.is_none() ? &zero_bias : tensor(bias_);
+  const double p = probability(p_, training);
+  std::string act;
+  if (!x || p < 0 || !activation_of(activation, &act) || !is_gemm(x, weight, bias) ||
+      !is_data(*x) || weight->size(0) != weight->size(1))
+    return py::none();
+  const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
+  if (!alpha.defined()) return py::none();
+  return wrap(std::get<0>(impl.call(*x, *weight, *bias, alpha, act, p, new_seed(p, *x))));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -173,6 +193,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_act_dropout", &bias_act_dropout);
   m.def("rezero_linear", &rezero_linear);
   m.def("linear_bias_act_dropout", &linear_bias_act_dropout);
+  m.def("rezero_fc", &rezero_fc);
 }
 
 }  // namespace rezero

@@ -1,5 +1,6 @@
 // The op schemas: declared once here; each device registers its kernels for them
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/binding.cpp for CUDA, linear_residual.cpp for both);
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/binding.cpp for CUDA, linear_residual.cpp and
+// rezero_fc.cpp for both);
 // autograd.cpp registers their autograd, rezero_kernels/compiled_ops.py their fake (meta)
 // kernels, and fast_path.cpp is the Python module rezero_kernels._C (the eager entry points).
 //
@@ -24,6 +25,12 @@ TORCH_LIBRARY(rezero_kernels, m) {
         " Tensor seed) -> (Tensor grad_h, Tensor grad_bias)");
   m.def("linear_residual(Tensor x, Tensor inp, Tensor weight, Tensor bias, Tensor alpha, float p,"
         " Tensor seed) -> Tensor");
+  // y and what backward keeps of F = x @ weight^T + bias (act(F) for relu, else F).
+  m.def("rezero_fc(Tensor x, Tensor weight, Tensor bias, Tensor alpha, str activation, float p,"
+        " Tensor seed) -> (Tensor y, Tensor kept)");
+  m.def("rezero_fc_backward(Tensor grad, Tensor x, Tensor weight, Tensor alpha, Tensor kept,"
+        " str activation, float p, Tensor seed, bool[4] output_mask)"
+        " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_alpha)");
   // output_mask: which of the four gradients to compute (the others come back undefined).
   m.def("linear_residual_backward(Tensor grad, Tensor inp, Tensor weight, Tensor bias,"
         " Tensor alpha, float p, Tensor seed, bool[4] output_mask)"

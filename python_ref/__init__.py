@@ -1,7 +1,8 @@
 """Plain-PyTorch reference implementations of every ``rezero_kernels`` op and layer."""
-from .functional import (ACTIVATIONS, bias_act_dropout, linear_bias_act_dropout, rezero_linear,
-                         rezero_residual)
+from .functional import (ACTIVATIONS, bias_act_dropout, linear_bias_act_dropout, rezero_fc,
+                         rezero_linear, rezero_residual)
 from .transformer import RZTXDecoderLayer, RZTXEncoderLayer, causal_mask
 
-__all__ = ["ACTIVATIONS", "bias_act_dropout", "linear_bias_act_dropout", "rezero_linear", "rezero_residual",
+__all__ = ["ACTIVATIONS", "bias_act_dropout", "linear_bias_act_dropout", "rezero_fc", "rezero_linear",
+           "rezero_residual",
            "RZTXEncoderLayer", "RZTXDecoderLayer", "causal_mask"]

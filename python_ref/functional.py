@@ -55,3 +55,10 @@ def linear_bias_act_dropout(inp, weight, bias, activation_name="gelu", dropout_p
                             training=True, mask=None):
     """``dropout(act(inp @ weight.T + bias))``."""
     return bias_act_dropout(F.linear(inp, weight), bias, activation_name, dropout_p, training, mask)
+
+
+def rezero_fc(x, weight, bias, alpha, activation_name="relu", dropout_p=0.0, training=True,
+              mask=None):
+    """``x + alpha * dropout(act(x @ weight.T + bias))``: a ReZero fully connected block."""
+    return rezero_residual(x, activation(F.linear(x, weight, bias), activation_name), alpha,
+                           dropout_p, training, mask)

@@ -16,3 +16,7 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
 
 def linear_bias_act_dropout(inp, weight, bias, activation, dropout_p):
     return ref.linear_bias_act_dropout(inp, weight, bias, activation, dropout_p)
+
+
+def rezero_fc(x, weight, bias, alpha, activation, dropout_p):
+    return ref.rezero_fc(x, weight, bias, alpha, activation, dropout_p)

@@ -64,6 +64,18 @@ def _(grad, inp, weight, bias, alpha, p, seed, output_mask):
                  for t, wanted in zip((inp, weight, bias, alpha), output_mask))
 
 
+@torch.library.register_fake("rezero_kernels::rezero_fc")
+def _(x, weight, bias, alpha, activation, p, seed):
+    return torch.empty_like(x), torch.empty_like(x)
+
+
+@torch.library.register_fake("rezero_kernels::rezero_fc_backward")
+def _(grad, x, weight, alpha, kept, activation, p, seed, output_mask):
+    bias_like = weight.new_empty(weight.shape[0])
+    return tuple(torch.empty_like(t) if wanted else None
+                 for t, wanted in zip((x, weight, bias_like, alpha), output_mask))
+
+
 # --- the backend interface (see dispatch.py) ---------------------------------------------
 
 def rezero_residual(x, fx, alpha, dropout_p):
@@ -88,3 +100,9 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
 
 def linear_bias_act_dropout(inp, weight, bias, activation, dropout_p):
     return bias_act_dropout(torch.matmul(inp, weight.t()), bias, activation, dropout_p)
+
+
+def rezero_fc(x, weight, bias, alpha, activation, dropout_p):
+    alpha = alpha.to(_math_dtype(x)).contiguous()
+    return ops.rezero_fc(x.contiguous(), weight, bias, alpha, activation, dropout_p,
+                         new_seed(dropout_p, x.device))[0]

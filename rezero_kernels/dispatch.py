@@ -1,6 +1,6 @@
 """Backend selection: the one place that decides which implementation runs an op.
 
-Every backend is a module exposing the same three functions, called with inputs that
+Every backend is a module exposing the same functions, called with inputs that
 ``validation`` has already checked (same device, common dtype, dropout_p already 0.0 when not
 training, alpha a 1-element or last-dim-sized tensor, bias a tensor):
 
@@ -8,6 +8,7 @@ training, alpha a 1-element or last-dim-sized tensor, bias a tensor):
     bias_act_dropout(h, bias, activation, dropout_p)
     rezero_linear(x, inp, weight, bias, alpha, dropout_p)
     linear_bias_act_dropout(inp, weight, bias, activation, dropout_p)
+    rezero_fc(x, weight, bias, alpha, activation, dropout_p)
 
 Backends:
   "torch"  - ``python_ref``, plain eager PyTorch (the oracle; any device).

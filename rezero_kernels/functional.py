@@ -133,3 +133,30 @@ def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0,
     impl = dispatch.implementation(dispatch.select(backend, device))
     return impl.linear_bias_act_dropout(inp.to(dtype), weight.to(dtype), bias.to(dtype),
                                         activation, p)
+
+
+def rezero_fc(x, weight, bias, alpha, activation="relu", dropout_p=0.0, training=True,
+              backend="auto"):
+    """``x + alpha * dropout(act(x @ weight.T + bias))``: a whole ReZero fully connected block
+    (``weight`` is square) in one op, which saves a deep narrow net most of its host time."""
+    fast = dispatch.fast_path(backend, x)
+    if fast is not None:
+        out = fast.rezero_fc(x, weight, bias, alpha, activation, dropout_p, training)
+        if out is not None:
+            return out
+    x = check.tensor("x", x)
+    channels = check.gemm_operands(x, weight)
+    if weight.shape[0] != channels:
+        raise ValueError(f"weight must be square ({channels}, {channels}) so that the block keeps "
+                         f"x's width, got {tuple(weight.shape)}")
+    bias = _bias(bias, channels, weight)
+    check.channel_vector("bias", bias, channels, allow_scalar=False)
+    alpha = _gate(alpha, x)
+    check.channel_vector("alpha", alpha, channels, allow_scalar=True)
+    device = check.same_device(x=x, weight=weight, bias=bias, alpha=alpha)
+    activation = check.activation(activation)
+    p = check.dropout_p(dropout_p, training)
+    x, weight, bias = _autocast(device, x, weight, bias)
+    dtype = check.common_dtype(x, weight, bias)
+    impl = dispatch.implementation(dispatch.select(backend, device))
+    return impl.rezero_fc(x.to(dtype), weight.to(dtype), bias.to(dtype), alpha, activation, p)

@@ -61,6 +61,7 @@ def _opcheck_samples():
             yield "linear_residual", (x, inp, w, b, alpha, p, _seed(p))
         for act in ("relu", "gelu"):
             yield "bias_act_dropout", (h, b, act, p, _seed(p))
+            yield "rezero_fc", (x, torch.randn(8, 8), b, torch.tensor([0.5]), act, p, _seed(p))
 
 
 @pytest.mark.parametrize("name,args", list(_opcheck_samples()))
@@ -77,6 +78,11 @@ def test_backward_ops_opcheck():
     ops = torch.ops.rezero_kernels
     torch.library.opcheck(ops.residual_backward, (g, fx, torch.tensor([0.5]), 0.3, _seed(1)))
     torch.library.opcheck(ops.bias_act_dropout_backward, (g, h, b, "gelu", 0.3, _seed(1)))
+    for act in ("relu", "gelu"):
+        kept = torch.relu(fx) if act == "relu" else fx
+        torch.library.opcheck(ops.rezero_fc_backward,
+                              (g, h, torch.randn(8, 8), torch.tensor([0.5]), kept, act, 0.3,
+                               _seed(1), [True, True, False, True]))
     for mask in ([True] * 4, [True, False, True, False], [False, True, False, True]):
         torch.library.opcheck(ops.linear_residual_backward,
                               (g, torch.randn(3, 5), torch.randn(8, 5), b, torch.randn(8), 0.3,
@@ -101,7 +107,8 @@ def test_compile_fullgraph_stack_matches_eager():
 def test_compile_inductor_with_dropout_trains():
     torch.manual_seed(0)
     model = nn.Sequential(*[rzk.RZTXEncoderLayer(16, 2, 32, dropout=0.1, batch_first=True,
-                                                 alpha_init=0.1) for _ in range(2)])
+                                                 alpha_init=0.1) for _ in range(2)],
+                          rzk.ReZeroFCBlock(16, "gelu", alpha_init=0.1))
     compiled = torch.compile(model, fullgraph=True)
     out = compiled(torch.randn(2, 6, 16))
     out.sum().backward()
@@ -125,13 +132,14 @@ def test_autocast_bf16_matches_reference_under_autocast():
     assert fused.resweight.grad.dtype == torch.float32 and fused.linear1.weight.grad is not None
 
 
-@pytest.mark.parametrize("op", ["residual", "bias_act", "linear"])
+@pytest.mark.parametrize("op", ["residual", "bias_act", "linear", "fc"])
 def test_double_backward_is_a_clear_error(op):
     x, fx = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     alpha, w = torch.ones(1, requires_grad=True), torch.randn(8, 8, requires_grad=True)
     out = {"residual": lambda: F.rezero_residual(x, fx, alpha, 0.1),
            "bias_act": lambda: F.bias_act_dropout(fx, alpha.expand(8), "gelu", 0.1),
-           "linear": lambda: F.rezero_linear(x, fx, w, None, alpha, 0.1)}[op]()
+           "linear": lambda: F.rezero_linear(x, fx, w, None, alpha, 0.1),
+           "fc": lambda: F.rezero_fc(fx, w, None, alpha, "gelu", 0.1)}[op]()
     (grad,) = torch.autograd.grad(out.sum(), (fx,), create_graph=True)
     with pytest.raises(NotImplementedError, match="double backward"):
         torch.autograd.grad(grad.sum(), (alpha,))

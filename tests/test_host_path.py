@@ -36,7 +36,8 @@ def test_canonical_inputs_take_the_compiled_entry_points(monkeypatch):
     """With the general path of the compiled backend disabled, the layers still run: every op of
     a training step went through rezero_kernels._C."""
     model = _model()
-    for name in ("rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout"):
+    for name in ("rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout",
+                 "rezero_fc"):
         monkeypatch.setattr(compiled_ops, name, None)
     x = torch.randn(2, 5, 32)
     model(x).sum().backward()
@@ -75,3 +76,17 @@ def test_frozen_inputs_skip_their_gemms(frozen):
     calls = _aten_calls(lambda: torch.autograd.grad(out.sum(), leaves))
     want = int(inp.requires_grad) + int(w.requires_grad or a.requires_grad)
     assert calls.get("aten::mm", 0) == want, calls
+
+
+@pytest.mark.parametrize("frozen", ["weight", "x", "weight+bias", "nothing"])
+def test_rezero_fc_backward_runs_only_the_gemms_it_needs(frozen):
+    """grad_x needs grad_F @ W (an addmm that also adds grad itself), grad_weight grad_F^T @ x."""
+    torch.manual_seed(0)
+    x = torch.randn(6, 8, requires_grad="x" not in frozen)
+    w = torch.randn(8, 8, requires_grad="weight" not in frozen)
+    b, a = torch.randn(8, requires_grad="bias" not in frozen), torch.randn(1, requires_grad=True)
+    out = F.rezero_fc(x * 1 if x.requires_grad else x, w, b, a, "gelu", 0.1)
+    leaves = [t for t in (x, w, b, a) if t.requires_grad]
+    calls = _aten_calls(lambda: torch.autograd.grad(out.sum(), leaves))
+    assert calls.get("aten::addmm", 0) == int(x.requires_grad), calls
+    assert calls.get("aten::mm", 0) == int(w.requires_grad), calls

@@ -35,7 +35,8 @@ SEED = 1234
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh"]
 ALPHAS = ["zero", "scalar", "vector"]
-OPS = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout"]
+OPS = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout",
+       "rezero_fc"]
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,23 @@ def test_linear_bias_act_dropout(target, dtype, activation, p, contiguous):
                   randn(target, 3, 7, 65), dtype, contiguous, ["inp", "weight", "bias"])
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lead", [(7,), (3, 5)], ids=str)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+@pytest.mark.parametrize("alpha_kind", ALPHAS)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_rezero_fc(target, dtype, lead, activation, alpha_kind, p):
+    torch.manual_seed(0)
+    x, _, weight, bias = linear_inputs(target, lead, 33, 33)
+    alpha = make_alpha(target, alpha_kind, 33)
+    mask, seeded = dropout_setup(target, x.shape, p)
+    ref = reference("rezero_fc", mask)
+    assert_parity(seeded(lambda x, w, b, a: F.rezero_fc(x, w, b, a, activation, p,
+                                                        backend=target.backend)),
+                  lambda x, w, b, a: ref(x, w, b, a, activation, p), [x, weight, bias, alpha],
+                  randn(target, *x.shape), dtype, True, ["x", "weight", "bias", "alpha"])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_many_tiles(target, op, dtype):
@@ -214,6 +232,10 @@ def test_many_tiles(target, op, dtype):
         shape = x.shape
         if op == "rezero_linear":
             inputs, args = [x, inp, weight, bias, randn(target, 65)], ()
+        elif op == "rezero_fc":
+            _, x, weight, bias = linear_inputs(target, (70,), 130, 130)
+            shape = x.shape
+            inputs, args = [x, weight, bias, randn(target, 130)], ("gelu",)
         else:
             inputs, args = [inp, weight, bias], ("gelu_tanh",)
     mask, seeded = dropout_setup(target, shape, p)
@@ -232,7 +254,8 @@ def test_gradcheck_float64(target, op, p):
             "bias_act_dropout": lambda: ((leaf(3, 2, 11), leaf(11)), ("gelu",)),
             "rezero_linear": lambda: ((leaf(2, 3, 6), leaf(2, 3, 5), leaf(6, 5), leaf(6),
                                        leaf(1)), ()),
-            "linear_bias_act_dropout": lambda: ((leaf(4, 5), leaf(7, 5), leaf(7)), ("gelu",))}
+            "linear_bias_act_dropout": lambda: ((leaf(4, 5), leaf(7, 5), leaf(7)), ("gelu",)),
+            "rezero_fc": lambda: ((leaf(2, 3, 6), leaf(6, 6), leaf(6), leaf(6)), ("gelu_tanh",))}
     inputs, args = make[op]()
     _, seeded = dropout_setup(target, (1,), 0.0)
     fn = seeded(lambda *t: getattr(F, op)(*t, *args, p, backend=target.backend))
@@ -248,7 +271,8 @@ def _case(target, op):
     return {"rezero_residual": ([f32(5, 17), f32(5, 17), f32(17)], ()),
             "bias_act_dropout": ([f32(5, 17), f32(17)], ("gelu",)),
             "rezero_linear": ([f32(5, 17), f32(5, 9), f32(17, 9), f32(17), f32(1)], ()),
-            "linear_bias_act_dropout": ([f32(5, 9), f32(17, 9), f32(17)], ("relu",))}[op]
+            "linear_bias_act_dropout": ([f32(5, 9), f32(17, 9), f32(17)], ("relu",)),
+            "rezero_fc": ([f32(5, 17), f32(17, 17) / 4, f32(17), f32(1)], ("relu",))}[op]
 
 
 @pytest.mark.parametrize("op", OPS)
@@ -397,6 +421,8 @@ def _all_ops_outputs(target, shape, p, alpha=1.0):
         "rezero_linear": lambda: F.rezero_linear(zeros, inp, weight, bias, alpha, p, backend=b),
         "linear_bias_act_dropout": lambda: F.linear_bias_act_dropout(inp, weight, bias, "relu",
                                                                      p, backend=b),
+        "rezero_fc": lambda: F.rezero_fc(zeros, torch.zeros(n, n, device=dev), bias, alpha,
+                                         "identity", p, backend=b),
     }
     outs = {}
     for name, call in calls.items():
@@ -463,6 +489,10 @@ def _masked_case(target, op):
         return (lambda *t: F.rezero_linear(*t, P, backend=b),
                 lambda *t, mask: python_ref.rezero_linear(*t, P, mask=mask),
                 [zeros, inp, weight, bias, r(shape[1])])
+    if op == "rezero_fc":  # x enters the GEMM too: read the mask off a run with x = 0
+        return (lambda *t: F.rezero_fc(*t, "gelu", P, backend=b),
+                lambda *t, mask: python_ref.rezero_fc(*t, "gelu", P, mask=mask),
+                [zeros, r(shape[1], shape[1]), r(shape[1]), r(shape[1])])
     return (lambda *t: F.linear_bias_act_dropout(*t, "gelu_tanh", P, backend=b),
             lambda *t, mask: python_ref.linear_bias_act_dropout(*t, "gelu_tanh", P, mask=mask),
             [inp, weight, bias])

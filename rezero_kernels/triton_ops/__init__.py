@@ -22,4 +22,12 @@ from .bias_act import bias_act_dropout
 from .fused_linear import linear_bias_act_dropout, rezero_linear
 from .residual import rezero_residual
 
-__all__ = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout"]
+__all__ = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout",
+           "rezero_fc"]
+
+
+def rezero_fc(x, weight, bias, alpha, activation, dropout_p):
+    """The FC block from two fused ops: the GEMM with its activation epilogue, then the
+    residual with dropout (one mask rule, so the mask is the other ops')."""
+    return rezero_residual(x, linear_bias_act_dropout(x, weight, bias, activation, 0.0), alpha,
+                           dropout_p)

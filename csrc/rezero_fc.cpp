@@ -1,0 +1,119 @@
+// rezero_fc: y = x + alpha * dropout(act(x @ weight^T + bias)), the ReZero fully connected
+// block (the paper's deep FC nets) as one op, device-generic.  A deep narrow net is all host
+// time: eager spends four autograd nodes and about eleven kernels per block, this op one node
+// and eight kernels (forward: the GEMM with the bias, the activation, the fused residual with
+// dropout; backward: the fused residual backward, the activation backward, the weight GEMM, the
+// bias sum, and the input GEMM that adds grad itself: grad_x = grad + grad_F @ W).
+//
+// With F = x W^T + b and A = act(F):
+//   grad_A = alpha * mask * scale * grad,   grad_alpha = sum(grad * mask * scale * A)  (residual)
+//   grad_F = act'(F) * grad_A,  grad_W = grad_F^T x,  grad_b = colsum(grad_F),
+//   grad_x = grad + grad_F W.
+// The op returns y and what backward needs of F: A for relu (relu' is A > 0, and it is the
+// residual's input), F itself for the other activations (A is recomputed from it).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/accumulate.h>
+#include <torch/library.h>
+
+#include <array>
+#include <tuple>
+
+#include "op_checks.h"
+
+namespace rezero {
+namespace {
+
+using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+
+template <class Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+at::Tensor as_matrix(const at::Tensor& t) {
+  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
+}
+
+at::Tensor activate(const at::Tensor& f, Act act) {
+  switch (act) {
+    case Act::kIdentity: return f;
+    case Act::kRelu: return at::relu(f);
+    case Act::kGelu: return at::gelu(f);
+    case Act::kGeluTanh: return at::gelu(f, "tanh");
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& kept, Act act) {
+  switch (act) {
+    case Act::kIdentity: return grad;
+    case Act::kRelu: return at::threshold_backward(grad, kept, 0);
+    case Act::kGelu: return at::gelu_backward(grad, kept);
+    case Act::kGeluTanh: return at::gelu_backward(grad, kept, "tanh");
+  }
+  TORCH_CHECK(false, "unreachable");
+}
+
+void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+  TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && weight.size(0) == x.size(-1) &&
+                  weight.size(1) == x.size(-1),
+              "weight must be (C, C) for x of last dimension C, got ", weight.sizes(), " and ",
+              x.sizes());
+  TORCH_CHECK(bias.dim() == 1 && bias.size(0) == x.size(-1), "bias must have ", x.size(-1),
+              " elements, got ", bias.sizes());
+  TORCH_CHECK(x.scalar_type() == weight.scalar_type() && bias.scalar_type() == x.scalar_type(),
+              "x, weight and bias must share one dtype");
+}
+
+TensorPair rezero_fc(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias,
+                       const at::Tensor& alpha, c10::string_view activation, double p,
+                       const at::Tensor& seed) {
+  static const auto residual =
+      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                    const at::Tensor&)>("rezero_kernels::residual");
+  check_args(x, weight, bias);
+  const Act act = parse_activation(activation);
+  const at::Tensor f = at::addmm(bias, as_matrix(x), weight.t()).view(x.sizes());
+  const at::Tensor a = activate(f, act);
+  return {residual.call(x, a, alpha, p, seed), act == Act::kRelu ? a : f};
+}
+
+// mask: which of (grad_x, grad_weight, grad_bias, grad_alpha) to compute.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rezero_fc_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& weight,
+    const at::Tensor& alpha, const at::Tensor& kept, c10::string_view activation, double p,
+    const at::Tensor& seed, std::array<bool, 4> mask) {
+  static const auto residual_backward =
+      op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                    const at::Tensor&)>("rezero_kernels::residual_backward");
+  const Act act = parse_activation(activation);
+  TORCH_CHECK(grad.sizes().equals(x.sizes()) && kept.sizes().equals(x.sizes()),
+              "grad and the kept tensor must have x's shape ", x.sizes());
+  const at::Tensor a = act == Act::kRelu || act == Act::kIdentity ? kept : activate(kept, act);
+  at::Tensor grad_x, grad_weight, grad_bias, grad_alpha;
+  auto [grad_a, ga] = residual_backward.call(grad, a, alpha, p, seed);
+  if (mask[3]) grad_alpha = ga;
+  if (!(mask[0] || mask[1] || mask[2])) return {grad_x, grad_weight, grad_bias, grad_alpha};
+  const at::Tensor grad_f = as_matrix(activation_backward(grad_a, kept, act));
+  if (mask[0]) grad_x = at::addmm(as_matrix(grad), grad_f, weight).view(x.sizes());
+  if (mask[1]) grad_weight = at::mm(grad_f.t(), as_matrix(x));
+  if (mask[2]) grad_bias = grad_f.sum(0);
+  return {grad_x, grad_weight, grad_bias, grad_alpha};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(rezero_kernels, CPU, m) {
+  m.impl("rezero_fc", &rezero_fc);
+  m.impl("rezero_fc_backward", &rezero_fc_backward);
+}
+
+#ifdef REZERO_WITH_CUDA
+TORCH_LIBRARY_IMPL(rezero_kernels, CUDA, m) {
+  m.impl("rezero_fc", &rezero_fc);
+  m.impl("rezero_fc_backward", &rezero_fc_backward);
+}
+#endif
+
+}  // namespace rezero
