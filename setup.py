@@ -1,4 +1,4 @@
-"""Build rezero_kernels and its compiled extension ``rezero_kernels._C``.
+"""Build the compiled extension ``rezero_kernels._C`` (package metadata: pyproject.toml).
 
 Install with ``pip install --no-build-isolation .`` (or ``-e .``): the build uses the torch that
 is already installed and never installs or replaces one.
@@ -25,7 +25,7 @@ import platform
 import sys
 import sysconfig
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 GENERATED = os.path.join(HERE, "build", "generated")
@@ -141,21 +141,4 @@ def extensions():
 
 
 ext_modules, cmdclass = extensions()
-
-setup(
-    name="rezero-kernels",
-    version="0.1.0",
-    description="Fused kernels and drop-in layers for ReZero residual networks",
-    packages=find_packages(include=["rezero_kernels", "rezero_kernels.*", "python_ref"]),
-    python_requires=">=3.10",
-    # torch is deliberately not listed: an unpinned torch requirement makes pip fetch the newest
-    # CUDA build and replace the installed one.  Install torch first (README).
-    install_requires=["numpy"],
-    extras_require={"triton": ["triton>=3.6"],
-                    "plot": ["matplotlib"],
-                    "bench": ["scikit-learn", "gensim", "matplotlib"],
-                    "test": ["pytest", "pytest-benchmark", "expecttest", "rezero==0.1.0",
-                             "scikit-learn", "gensim", "matplotlib"]},
-    ext_modules=ext_modules,
-    cmdclass=cmdclass,
-)
+setup(ext_modules=ext_modules, cmdclass=cmdclass)
