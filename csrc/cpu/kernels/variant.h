@@ -3,7 +3,7 @@
 // each variant's functions apart.  Every file here includes this header before any other.
 #pragma once
 #if !defined(CPU_CAPABILITY)
-#error "csrc/cpu/kernels/ is compiled once per CPU variant with -DCPU_CAPABILITY=<variant> (setup.py)"
+#error "csrc/cpu/kernels/ is compiled once per CPU variant, with -DCPU_CAPABILITY=<variant>"
 #endif
 
 // ATen's vector classes (at::vec, in namespace at::vec::CPU_CAPABILITY) pick their
