@@ -5,6 +5,7 @@
                                  batch_first=True)
 """
 from . import blocks, diagnostics, functional
+from . import serialization  # noqa: F401  (torch.load(weights_only=True) of our modules)
 from .blocks import ReZeroBasicBlock, ReZeroFCBlock, rezero_fc_net, rezero_resnet
 from .conversion import convert
 from .dispatch import backends
