@@ -4,6 +4,8 @@ objects, train/eval state and dropout probability; the fused backend runs afterw
 cannot be converted faithfully is an error that leaves the model untouched."""
 import copy
 import logging
+import os
+import re
 
 import pytest
 import torch
@@ -198,3 +200,47 @@ def test_nothing_to_convert_warns():
         rzk.convert(nn.Sequential(nn.Linear(4, 4)))
     fused = nn.Sequential(rzk.RZTXEncoderLayer(16, 2, 32))
     assert rzk.convert(fused)[0] is fused[0]  # already fused: left as it is, no warning
+
+
+class _LucidrainsRezero(nn.Module):
+    """The lucidrains-style wrapper: the caller adds the residual; g may be 0-dim."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+        self.g = nn.Parameter(torch.tensor(0.3))
+
+    def forward(self, x):
+        return self.fn(x) * self.g
+
+
+def _readme_rename():
+    """The README's checkpoint-renaming function, run as written there."""
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    (code,) = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S)
+               if "def rename(model, state)" in b]
+    scope = {"rzk": rzk}
+    exec(code.split("\nmodel.load_state_dict")[0], scope)
+    return scope["rename"]
+
+
+def test_lucidrains_style_migration_as_the_readme_says():
+    def block():
+        return nn.Sequential(nn.Linear(8, 8), nn.GELU())
+
+    torch.manual_seed(0)
+    old = nn.ModuleList(_LucidrainsRezero(block()) for _ in range(2))
+    new = nn.ModuleList(rzk.ReZero(block()) for _ in range(2))
+    new.load_state_dict(_readme_rename()(new, old.state_dict()))
+    x = torch.randn(4, 8)
+    want = x
+    for wrapper in old:
+        want = want + wrapper(want)  # before
+    got = x
+    for gate in new:
+        got = gate(got)  # after
+    torch.testing.assert_close(got, want)
+    # a reversible block's y1 = x1 + f(x2)
+    x1, x2 = torch.randn(4, 8), torch.randn(4, 8)
+    torch.testing.assert_close(rzk.functional.rezero_residual(x1, old[0].fn(x2), new[0].resweight),
+                               x1 + old[0](x2))
