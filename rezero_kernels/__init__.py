@@ -5,12 +5,15 @@
                                  batch_first=True)
 """
 from . import blocks, diagnostics, functional
+from . import serialization  # noqa: F401  (torch.load(weights_only=True) of our modules)
 from .blocks import ReZeroBasicBlock, ReZeroFCBlock, rezero_fc_net, rezero_resnet
+from .conversion import convert
 from .dispatch import backends
+from .extension import cpu_capability
 from .gate import ReZero
 from .transformer import RZTXDecoderLayer, RZTXEncoderLayer
 
-__all__ = ["functional", "backends", "ReZero", "RZTXEncoderLayer", "RZTXDecoderLayer",
-           "blocks", "diagnostics", "ReZeroFCBlock", "rezero_fc_net", "ReZeroBasicBlock",
-           "rezero_resnet"]
+__all__ = ["functional", "backends", "cpu_capability", "convert", "ReZero", "RZTXEncoderLayer",
+           "RZTXDecoderLayer", "blocks", "diagnostics", "ReZeroFCBlock", "rezero_fc_net",
+           "ReZeroBasicBlock", "rezero_resnet"]
 __version__ = "0.1.0"

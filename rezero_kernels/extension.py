@@ -27,6 +27,14 @@ def has_cpu() -> bool:
     return load_error() is None
 
 
+def cpu_capability() -> str | None:
+    """The instruction-set variant of the CPU kernels that runs here ("DEFAULT", "AVX2",
+    "AVX512"; "NATIVE" for a REZERO_CPU_ARCH build), None without the extension.  Fixed by the
+    first CPU kernel call: REZERO_CPU_CAPABILITY, else ATEN_CPU_CAPABILITY, else the best the
+    CPU supports."""
+    return torch.ops.rezero_kernels.cpu_capability() if has_cpu() else None
+
+
 def has_cuda() -> bool:
     """The extension was built with CUDA kernels and a GPU is present."""
     return (has_cpu() and torch.cuda.is_available()

@@ -1,150 +1,21 @@
 // The feed-forward epilogue on CPU: y = dropout(act(h + bias)), and its backward
 //   grad_h = grad * mask * scale * act'(h + bias),  grad_bias = column sums of grad_h.
-// Only h and bias are saved; the mask is regenerated from the seed.  Activations run on
-// at::vec vectors (std::erf / std::tanh would be scalar calls).
+// Only h and bias are saved; the mask is regenerated from the seed.  The kernels are in
+// kernels/bias_act_dropout.cpp.
 #include <torch/library.h>
 
-#include <string>
-#include <type_traits>
-#include <vector>
-
 #include "op_args.h"
-#include "vec.h"
 
 namespace rezero::cpu {
 namespace {
 
-// z[j] <- act(z[j]) (kGrad false) or act'(z[j]) (kGrad true), for j < n.
-template <Act kAct, bool kGrad, typename M>
-void activate(M* z, int64_t n) {
-  using V = at::vec::Vectorized<M>;
-  const V half(M(0.5)), one(M(1)), zero(M(0));
-  const V inv_sqrt2(M(0.70710678118654752440)), inv_sqrt_2pi(M(0.39894228040143267794));
-  const V k0(M(0.79788456080286535588)), k1(M(0.044715)), k1x3(M(3 * 0.044715));
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), n - j);
-    const V v = V::loadu(z + j, count);
-    V r;
-    if constexpr (kAct == Act::kIdentity) {
-      r = kGrad ? one : v;
-    } else if constexpr (kAct == Act::kRelu) {
-      r = kGrad ? V::blendv(zero, one, v > zero) : at::vec::maximum(v, zero);
-    } else if constexpr (kAct == Act::kGelu) {
-      const V cdf = half * (one + (v * inv_sqrt2).erf());
-      r = kGrad ? cdf + v * inv_sqrt_2pi * (v * v * V(M(-0.5))).exp() : v * cdf;
-    } else {
-      const V t = (k0 * (v + k1 * v * v * v)).tanh();
-      r = kGrad ? half * (one + t) + half * v * (one - t * t) * k0 * (one + k1x3 * v * v)
-                : half * v * (one + t);
-    }
-    r.store(z + j, count);
-  }
-}
-
-template <typename M>
-void add_bias(M* __restrict z, const M* __restrict h, const M* __restrict b, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) z[j] = h[j] + b[j];
-}
-
-// add_bias, and grad copied beside it: reading both input streams in one loop keeps the
-// hardware prefetchers on both (reading them in separate loops halved the bandwidth).
-template <typename M>
-void add_bias_load_grad(M* __restrict z, M* __restrict gz, const M* __restrict h,
-                        const M* __restrict b, const M* __restrict g, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    z[j] = h[j] + b[j];
-    gz[j] = g[j];
-  }
-}
-
-template <typename T, typename M, bool kDropout>
-void store_forward(T* __restrict y, const M* __restrict z, const M* __restrict m, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>(kDropout ? z[j] * m[j] : z[j]);
-}
-
-template <typename T, typename M, bool kDropout>
-void store_backward(T* __restrict gh, M* __restrict acc, const M* __restrict g,
-                    const M* __restrict dz, const M* __restrict m, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    M v = g[j] * dz[j];
-    if constexpr (kDropout) v *= m[j];
-    gh[j] = static_cast<T>(v);
-    acc[j] += v;
-  }
-}
-
-constexpr int64_t kSub = 64;
-
-// One kernel for both directions: forward writes y; backward writes grad_h and the per-block
-// column sums of grad_h into partials.
-template <typename T, Act kAct, bool kDropout, bool kGrad>
-void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
-            const at::opmath_type<T>* bias, const RowLayout& l, const Dropout& d) {
-  using M = at::opmath_type<T>;
-  parallel_blocks(l, [&](int64_t b, int64_t r0, int64_t r1) {
-    ScaleBuffer<M> buf;
-    M z[kSub], gz[kSub];
-    constexpr int64_t kWiden = std::is_same_v<T, M> ? 1 : kSub;
-    M hb[kWiden], gb[kWiden];  // bfloat16/half inputs widened to M
-    for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
-      const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
-      // Short sub-pieces keep the loads, the activation and the stores of one sub-piece
-      // within the out-of-order window, so memory and math overlap.
-      for (int64_t o = 0; o < n; o += kSub) {
-        const int64_t k = std::min(kSub, n - o), i = s + o;
-        const M* hs = read_math(h + i, hb, k);
-        if constexpr (kGrad)
-          add_bias_load_grad(z, gz, hs, bias + col + o, read_math(grad + i, gb, k), k);
-        else
-          add_bias(z, hs, bias + col + o, k);
-        activate<kAct, kGrad>(z, k);
-        write_rounded<T, M>(out + i, k, [&](auto* dst) {
-          using O = std::remove_pointer_t<decltype(dst)>;
-          if constexpr (kGrad)
-            store_backward<O, M, kDropout>(dst, partials + b * l.width + col + o, gz, z,
-                                           kDropout ? m + o : nullptr, k);
-          else
-            store_forward<O, M, kDropout>(dst, z, kDropout ? m + o : nullptr, k);
-        });
-      }
-    });
-  });
-}
-
-template <bool kGrad>
-void run(at::Tensor& out, at::Tensor* grad_bias, const at::Tensor* grad, const at::Tensor& h,
-         const at::Tensor& bias, c10::string_view activation, const Dropout& d) {
-  const Act act = parse_activation(activation);
-  const auto l = RowLayout::make(h.numel(), channels_of(h), /*per_channel=*/true);
-  dispatch_float_types(h.scalar_type(), [&](auto t) {
-    using T = decltype(t);
-    using M = at::opmath_type<T>;
-    std::vector<M> partials(kGrad ? l.blocks * l.width : 0, M(0));
-    bool_dispatch(d.enabled, [&](auto dr) {
-      constexpr bool kDrop = decltype(dr)::value;
-      const T* gp = kGrad ? grad->data_ptr<T>() : nullptr;
-      auto go = [&](auto a) {
-        kernel<T, decltype(a)::value, kDrop, kGrad>(out.data_ptr<T>(), partials.data(), gp,
-                                                    h.data_ptr<T>(), bias.data_ptr<M>(), l, d);
-      };
-      switch (act) {
-        case Act::kIdentity: go(std::integral_constant<Act, Act::kIdentity>{}); break;
-        case Act::kRelu: go(std::integral_constant<Act, Act::kRelu>{}); break;
-        case Act::kGelu: go(std::integral_constant<Act, Act::kGelu>{}); break;
-        case Act::kGeluTanh: go(std::integral_constant<Act, Act::kGeluTanh>{}); break;
-      }
-      return 0;
-    });
-    if constexpr (kGrad) sum_partials(partials, l.blocks, l.width, grad_bias->data_ptr<M>());
-  });
-}
-
 at::Tensor bias_act_dropout(const at::Tensor& h, const at::Tensor& bias,
                             c10::string_view activation, double p, const at::Tensor& seed) {
   check_bias_act_args(h, bias, nullptr, c10::DeviceType::CPU);
+  const Act act = parse_activation(activation);
   const Dropout d = make_dropout(p, seed, h);
   at::Tensor y = at::empty_like(h);
-  if (h.numel() > 0) run<false>(y, nullptr, nullptr, h, bias, activation, d);
+  if (h.numel() > 0) REZERO_CPU_KERNEL(bias_act_dropout)(y, h, bias, act, d);
   return y;
 }
 
@@ -152,10 +23,12 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& bias,
     c10::string_view activation, double p, const at::Tensor& seed) {
   check_bias_act_args(h, bias, &grad, c10::DeviceType::CPU);
+  const Act act = parse_activation(activation);
   const Dropout d = make_dropout(p, seed, h);
   at::Tensor grad_h = at::empty_like(h);
   at::Tensor grad_bias = at::zeros_like(bias);
-  if (h.numel() > 0) run<true>(grad_h, &grad_bias, &grad, h, bias, activation, d);
+  if (h.numel() > 0)
+    REZERO_CPU_KERNEL(bias_act_dropout_backward)(grad_h, grad_bias, grad, h, bias, act, d);
   return {grad_h, grad_bias};
 }
 

@@ -1,22 +1,13 @@
-// What the CPU op bindings share: the argument checks of ../op_checks.h for CPU tensors, the
-// dtype dispatch, and the dropout set-up.
+// What the CPU op bindings share: the argument checks of ../op_checks.h for CPU tensors and the
+// dropout set-up.
 #pragma once
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
 
 #include "../op_checks.h"
 #include "../philox.h"
-#include "dropout_mask.h"
+#include "kernels.h"
 
 namespace rezero::cpu {
-
-// Calls f(T{}) for T the C++ type of dtype st (float, double, BFloat16, Half).
-template <class F>
-void dispatch_float_types(at::ScalarType st, const F& f) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "rezero_kernels",
-                                  [&] { f(scalar_t{}); });
-}
 
 inline Dropout make_dropout(double p, const at::Tensor& seed, const at::Tensor& data) {
   check_dropout(p, seed, data);

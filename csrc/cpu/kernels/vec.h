@@ -1,17 +1,7 @@
-// at::vec with the widest instruction set this translation unit is compiled for.
-// ATen's vector classes pick their implementation from CPU_CAPABILITY_* macros that torch's own
-// build sets per kernel file; an extension must set them itself, or it gets the portable one.
+// at::vec with the widest instruction set this variant is compiled for (variant.h).
 // The Sleef functions the wide versions call are exported by libtorch_cpu.
 #pragma once
-#if !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY AVX512
-#define CPU_CAPABILITY_AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY AVX2
-#define CPU_CAPABILITY_AVX2
-#endif
-#endif
+#include "variant.h"  // first: it picks at::vec's implementation
 #include <ATen/cpu/vec/functional.h>  // convert_to_float for bfloat16/half
 #include <ATen/cpu/vec/vec.h>
 
@@ -19,7 +9,7 @@
 
 #include "row_loop.h"  // kTile
 
-namespace rezero::cpu {
+namespace rezero::cpu::CPU_CAPABILITY {
 
 // src as the math type M: src itself when T is M, else widened into buf with at::vec
 // (a scalar half -> float loop does not vectorise).
@@ -55,4 +45,4 @@ inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
   }
 }
 
-}  // namespace rezero::cpu
+}  // namespace rezero::cpu::CPU_CAPABILITY

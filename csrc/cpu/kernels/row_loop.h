@@ -3,13 +3,18 @@
 // that threads take whole.  Reductions write one partial per block and add the partials in
 // block order, so results do not depend on the number of threads.
 #pragma once
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
-namespace rezero::cpu {
+#include "variant.h"
+
+namespace rezero::cpu::CPU_CAPABILITY {
 
 constexpr int64_t kTile = 1024;        // elements per inner piece (scratch buffers stay in L1)
 constexpr int64_t kFlatWidth = 8192;   // row width when no per-channel vector is involved
@@ -64,4 +69,11 @@ auto bool_dispatch(bool flag, const F& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
-}  // namespace rezero::cpu
+// Calls f(T{}) for T the C++ type of dtype st (float, double, BFloat16, Half).
+template <class F>
+void dispatch_float_types(at::ScalarType st, const F& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, st, "rezero_kernels",
+                                  [&] { f(scalar_t{}); });
+}
+
+}  // namespace rezero::cpu::CPU_CAPABILITY

@@ -1,0 +1,153 @@
+"""Installing the package as the README says, in fresh virtual environments.
+
+* the venv's own pip with the setuptools that torch pulls in (pip 23 with setuptools >= 80 is the
+  combination whose legacy `develop` path re-ran pip with build isolation before
+  pyproject.toml existed): `pip install --no-build-isolation -e .`, then `... .`;
+* the same with the newest pip and setuptools;
+* `python -m build --wheel --no-isolation`, and the wheel installed into a fresh venv.
+
+Each time the package must import from where it was installed, with the compiled CPU backend,
+and run the ops.  The venvs are made with --system-site-packages, so they inherit the installed
+torch rather than install one.  Every case builds in one copy of the source tree, in venvs at one
+path: the compile commands are then identical and ninja compiles the extension once (the first
+case); later cases only link.  Needs PyPI (wheel, pip, setuptools and build go into the venvs);
+skipped where it cannot be reached.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT_S = 900
+
+# Run in the venv from outside the source tree: import, find the CPU backend, run the ops.
+CHECK = r"""
+import json, torch
+import rezero_kernels as rzk
+F = rzk.functional
+x, fx = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+alpha = torch.tensor([0.5], requires_grad=True)
+y = F.rezero_residual(x, fx, alpha, backend="cpu")
+torch.testing.assert_close(y, x + 0.5 * fx)
+y.sum().backward()
+torch.testing.assert_close(alpha.grad, fx.detach().sum().reshape(1))
+h, b = torch.randn(4, 8), torch.randn(8)
+torch.testing.assert_close(F.bias_act_dropout(h, b, "gelu", backend="cpu"),
+                           torch.nn.functional.gelu(h + b))
+print(json.dumps({"file": rzk.__file__, "cpu": rzk.backends()["cpu"],
+                  "capability": rzk.cpu_capability()}))
+"""
+
+
+def _run(cmd, cwd, what):
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=TIMEOUT_S,
+                         env={**os.environ, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    assert out.returncode == 0, f"{what} failed:\n{out.stdout[-6000:]}\n{out.stderr[-6000:]}"
+    return out.stdout
+
+
+def _copy_source(dest):
+    """The checkout's files as a clean clone has them (no build products)."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,
+                            capture_output=True, text=True)
+    if listed.returncode == 0:
+        for rel in filter(None, listed.stdout.split("\0")):
+            src = os.path.join(REPO, rel)
+            if os.path.isfile(src):
+                os.makedirs(os.path.join(dest, os.path.dirname(rel)), exist_ok=True)
+                shutil.copy2(src, os.path.join(dest, rel))
+    else:
+        shutil.copytree(REPO, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.so", "__pycache__", "*.egg-info", "bench_results"))
+
+
+class Workspace:
+    def __init__(self, root):
+        self.root = root
+        self.src = os.path.join(root, "src")
+        self.venv = os.path.join(root, "venv")  # one path for every venv: see the docstring
+        self.elsewhere = os.path.join(root, "elsewhere")
+        os.makedirs(self.elsewhere)
+        _copy_source(self.src)
+
+    @property
+    def python(self):
+        return os.path.join(self.venv, "bin", "python")
+
+    def fresh_venv(self, *packages):
+        """A new venv at self.venv with `packages` pip-installed into it; skips without PyPI."""
+        shutil.rmtree(self.venv, ignore_errors=True)
+        _run([sys.executable, "-m", "venv", "--system-site-packages", self.venv], self.root,
+             "python -m venv")
+        if packages:
+            out = subprocess.run([self.python, "-m", "pip", "install", "-q", *packages],
+                                 cwd=self.root, capture_output=True, text=True, timeout=TIMEOUT_S)
+            if out.returncode != 0:
+                pytest.skip(f"cannot install {packages} from the package index: "
+                            f"{out.stderr.strip().splitlines()[-1:]}")
+        return _run([self.python, "-c", "from importlib.metadata import version as v; "
+                     "print(f'pip {v(\"pip\")}, setuptools {v(\"setuptools\")}')"],
+                    self.root, "version check").strip()
+
+    def pip_install(self, *args):
+        start = time.monotonic()
+        _run([self.python, "-m", "pip", "install", "--no-build-isolation", *args], self.src,
+             f"pip install --no-build-isolation {' '.join(args)}")
+        return time.monotonic() - start
+
+    def check(self, expect_under):
+        """Imports the installed package outside the source tree; runs the ops."""
+        info = json.loads(_run([self.python, "-c", CHECK], self.elsewhere, "import check")
+                          .strip().splitlines()[-1])
+        assert info["cpu"], info
+        assert os.path.realpath(info["file"]).startswith(os.path.realpath(expect_under)), info
+        return info
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        pytest.skip("needs a C++ compiler")
+    return Workspace(str(tmp_path_factory.mktemp("install")))
+
+
+def _site_packages(ws):
+    return os.path.join(ws.venv, "lib")
+
+
+def _report(label, versions, seconds, info):
+    print(f"{label}: {versions}: {seconds:.0f} s, {info['capability']}, {info['file']}")
+
+
+# torch itself requires setuptools >= 77.0.3, so a venv where torch was installed has a newest
+# setuptools beside the venv's own (older) pip
+VENV_PIP = ["wheel", "setuptools>=77.0.3"]
+NEWEST = ["--upgrade", "pip", "setuptools", "wheel"]
+
+
+@pytest.mark.parametrize("packages", [VENV_PIP, NEWEST], ids=["venv-pip", "newest-pip"])
+def test_editable_then_regular_install(ws, packages):
+    versions = ws.fresh_venv(*packages)
+    seconds = ws.pip_install("-e", ".")
+    _report("editable", versions, seconds, ws.check(expect_under=ws.src))
+    seconds = ws.pip_install(".")
+    _report("regular", versions, seconds, ws.check(expect_under=_site_packages(ws)))
+
+
+def test_wheel_installs_into_a_fresh_venv(ws):
+    versions = ws.fresh_venv(*NEWEST, "build")
+    dist = os.path.join(ws.root, "dist")
+    start = time.monotonic()
+    _run([ws.python, "-m", "build", "--wheel", "--no-isolation", "--outdir", dist], ws.src,
+         "python -m build --wheel --no-isolation")
+    seconds = time.monotonic() - start
+    (wheel,) = [os.path.join(dist, f) for f in os.listdir(dist) if f.endswith(".whl")]
+    plain = ws.fresh_venv()  # the venv's own pip, nothing added
+    _run([ws.python, "-m", "pip", "install", wheel], ws.elsewhere, "pip install <wheel>")
+    _report(f"wheel (built with {versions}, installed with)", plain, seconds,
+            ws.check(expect_under=_site_packages(ws)))
