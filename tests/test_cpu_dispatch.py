@@ -69,7 +69,7 @@ def test_parity_on_lower_variant(variant):
     env = {**os.environ, "REZERO_CPU_CAPABILITY": variant}
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-         "tests/test_functional_parity.py", "tests/test_dropout.py"],
+         "tests/test_parity.py", "tests/test_dropout.py", "-k", "cpu-cpu or test_dropout"],
         cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout
