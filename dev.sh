@@ -17,9 +17,10 @@ setup() {
   if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
   fi
+  # the build requirements (pyproject.toml: --no-build-isolation leaves them to us), and the
   # test and benchmark dependencies; none of them requires torch
-  "$PY" -m pip install -q numpy pytest pytest-benchmark expecttest ninja triton \
-      matplotlib scikit-learn gensim
+  "$PY" -m pip install -q "setuptools>=64" wheel numpy pytest pytest-benchmark expecttest ninja \
+      triton matplotlib scikit-learn gensim
   "$PY" -m pip install -q --no-deps "rezero==0.1.0"
   "$PY" -m pip install -q --no-build-isolation --no-deps -e .
   "$PY" -c "import torch, rezero_kernels as r; print('torch', torch.__version__, 'backends', r.backends())"

@@ -3,7 +3,7 @@
 * the venv's own pip with the setuptools that torch pulls in (pip 23 with setuptools >= 80 is the
   combination whose legacy `develop` path re-ran pip with build isolation before
   pyproject.toml existed): `pip install --no-build-isolation -e .`, then `... .`;
-* the same with the newest pip and setuptools;
+* the same with the venv's own setuptools, and with the newest pip and setuptools;
 * `python -m build --wheel --no-isolation`, and the wheel installed into a fresh venv.
 
 Each time the package must import from where it was installed, with the compiled CPU backend,
@@ -125,12 +125,16 @@ def _report(label, versions, seconds, info):
 
 
 # torch itself requires setuptools >= 77.0.3, so a venv where torch was installed has a newest
-# setuptools beside the venv's own (older) pip
+# setuptools beside the venv's own (older) pip; a venv's own setuptools (65.5 with Python 3.11,
+# none from 3.12 on) needs the wheel package, a build requirement --no-build-isolation leaves to
+# the caller
 VENV_PIP = ["wheel", "setuptools>=77.0.3"]
+VENV_OWN = ["wheel"]
 NEWEST = ["--upgrade", "pip", "setuptools", "wheel"]
 
 
-@pytest.mark.parametrize("packages", [VENV_PIP, NEWEST], ids=["venv-pip", "newest-pip"])
+@pytest.mark.parametrize("packages", [VENV_PIP, VENV_OWN, NEWEST],
+                         ids=["venv-pip", "venv-pip-and-setuptools", "newest-pip"])
 def test_editable_then_regular_install(ws, packages):
     versions = ws.fresh_venv(*packages)
     seconds = ws.pip_install("-e", ".")
