@@ -4,7 +4,7 @@
 // The Python wrappers (rezero_kernels/validation.py) turn any other input into this form or
 // raise an error that names the problem.
 #pragma once
-#include <ATen/ATen.h>
+#include <ATen/core/Tensor.h>
 
 #include <string>
 
