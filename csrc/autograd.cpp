@@ -20,6 +20,8 @@
 #include <tuple>
 #include <type_traits>
 
+#include "op_calls.h"
+
 namespace rezero {
 namespace {
 
@@ -28,11 +30,6 @@ using torch::autograd::Function;
 using torch::autograd::variable_list;
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 using ResidualSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                const at::Tensor&);

@@ -10,6 +10,7 @@
 #include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 
+#include "op_calls.h"
 #include "op_checks.h"
 
 namespace rezero {
@@ -61,11 +62,6 @@ bool on_supported_device(const at::Tensor& t) {
 }
 
 py::object wrap(at::Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); }
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
 
 py::object residual(py::handle x_, py::handle fx_, py::handle alpha_, py::handle p_,
                     py::handle training) {

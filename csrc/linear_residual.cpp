@@ -9,35 +9,34 @@
 //   grad_bias   = alpha * colsum(dy'),                grad_alpha = rowsum(weight * G) + bias * colsum(dy')
 // (summed over rows for a scalar alpha).  So only inp, weight, bias, alpha and the seed are kept.
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <array>
 #include <tuple>
+
+#include "op_calls.h"
 
 namespace rezero {
 namespace {
 
 at::Tensor residual_op(const at::Tensor& x, const at::Tensor& f, const at::Tensor& alpha, double p,
                        const at::Tensor& seed) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rezero_kernels::residual", "")
-                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                         double, const at::Tensor&)>();
-  return op.call(x, f, alpha, p, seed);
+  static const auto impl = op<at::Tensor(const at::Tensor&, const at::Tensor&,
+                                         const at::Tensor&, double, const at::Tensor&)>(
+      "rezero_kernels::residual");
+  return impl.call(x, f, alpha, p, seed);
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_grad_op(const at::Tensor& grad, double p,
                                                    const at::Tensor& seed,
                                                    const at::Tensor& zero_bias) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("rezero_kernels::bias_act_dropout_backward", "")
-                       .typed<std::tuple<at::Tensor, at::Tensor>(
-                           const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                           c10::string_view, double, const at::Tensor&)>();
+  static const auto impl =
+      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                            const at::Tensor&, c10::string_view, double,
+                                            const at::Tensor&)>(
+          "rezero_kernels::bias_act_dropout_backward");
   // identity activation: grad_h = mask * scale * grad, grad_bias = its column sums
-  return op.call(grad, grad, zero_bias, "identity", p, seed);
+  return impl.call(grad, grad, zero_bias, "identity", p, seed);
 }
 
 void check_args(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
@@ -52,12 +51,6 @@ void check_args(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& we
               weight.size(0), " elements, got ", bias.sizes());
   TORCH_CHECK(inp.scalar_type() == weight.scalar_type() && bias.scalar_type() == weight.scalar_type(),
               "inp, weight and bias must share one dtype");
-}
-
-// inp as a (rows, in_features) matrix; rows from the leading dimensions, so in_features == 0
-// works (the GEMM is then just the bias).
-at::Tensor as_matrix(const at::Tensor& t) {
-  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
 }
 
 at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,

@@ -12,28 +12,18 @@
 // The op returns y and what backward needs of F: A for relu (relu' is A > 0, and it is the
 // residual's input), F itself for the other activations (A is recomputed from it).
 #include <ATen/ATen.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <array>
 #include <tuple>
 
+#include "op_calls.h"
 #include "op_checks.h"
 
 namespace rezero {
 namespace {
 
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
-
-template <class Signature>
-c10::TypedOperatorHandle<Signature> op(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
-
-at::Tensor as_matrix(const at::Tensor& t) {
-  return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
-}
 
 at::Tensor activate(const at::Tensor& f, Act act) {
   switch (act) {

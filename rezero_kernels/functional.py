@@ -78,12 +78,22 @@ def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, b
     return impl.bias_act_dropout(h, bias, activation, p)
 
 
-def _autocast(device: torch.device, *tensors: torch.Tensor):
-    """Cast GEMM operands as ``torch.autocast`` casts ``F.linear``'s (fp64 is left alone)."""
-    if not torch.is_autocast_enabled(device.type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device.type)
-    return tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
+def _gemm_checked(inp, weight, bias):
+    """(out_features, bias as a tensor) of a well-formed ``inp @ weight.T + bias``."""
+    out_features = check.gemm_operands(inp, weight)
+    bias = _bias(bias, out_features, weight)
+    check.channel_vector("bias", bias, out_features, allow_scalar=False)
+    return out_features, bias
+
+
+def _gemm_operands(device: torch.device, *tensors: torch.Tensor):
+    """The GEMM operands in one dtype: cast as ``torch.autocast`` casts ``F.linear``'s (fp64 is
+    left alone), then promoted as eager would."""
+    if torch.is_autocast_enabled(device.type):
+        dtype = torch.get_autocast_dtype(device.type)
+        tensors = tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
+    dtype = check.common_dtype(*tensors)
+    return tuple(t.to(dtype) for t in tensors)
 
 
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, backend="auto"):
@@ -95,21 +105,17 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, bac
         if out is not None:
             return out
     x = check.tensor("x", x)
-    out_features = check.gemm_operands(inp, weight)
+    out_features, bias = _gemm_checked(inp, weight, bias)
     if x.shape != inp.shape[:-1] + (out_features,):
         raise ValueError(f"x must have shape {tuple(inp.shape[:-1]) + (out_features,)} "
                          f"(inp's leading dims, weight's out_features), got {tuple(x.shape)}")
-    bias = _bias(bias, out_features, weight)
-    check.channel_vector("bias", bias, out_features, allow_scalar=False)
     alpha = _gate(alpha, x)
     check.channel_vector("alpha", alpha, out_features, allow_scalar=True)
     device = check.same_device(x=x, inp=inp, weight=weight, bias=bias, alpha=alpha)
     p = check.dropout_p(dropout_p, training)
-    inp, weight, bias = _autocast(device, inp, weight, bias)
-    gemm_dtype = check.common_dtype(inp, weight, bias)
+    inp, weight, bias = _gemm_operands(device, inp, weight, bias)
     impl = dispatch.implementation(dispatch.select(backend, device))
-    return impl.rezero_linear(x, inp.to(gemm_dtype), weight.to(gemm_dtype), bias.to(gemm_dtype),
-                              alpha, p)
+    return impl.rezero_linear(x, inp, weight, bias, alpha, p)
 
 
 def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0, training=True,
@@ -122,17 +128,13 @@ def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0,
         out = fast.linear_bias_act_dropout(inp, weight, bias, activation, dropout_p, training)
         if out is not None:
             return out
-    out_features = check.gemm_operands(inp, weight)
-    bias = _bias(bias, out_features, weight)
-    check.channel_vector("bias", bias, out_features, allow_scalar=False)
+    _, bias = _gemm_checked(inp, weight, bias)
     device = check.same_device(inp=inp, weight=weight, bias=bias)
     activation = check.activation(activation)
     p = check.dropout_p(dropout_p, training)
-    inp, weight, bias = _autocast(device, inp, weight, bias)
-    dtype = check.common_dtype(inp, weight, bias)
+    inp, weight, bias = _gemm_operands(device, inp, weight, bias)
     impl = dispatch.implementation(dispatch.select(backend, device))
-    return impl.linear_bias_act_dropout(inp.to(dtype), weight.to(dtype), bias.to(dtype),
-                                        activation, p)
+    return impl.linear_bias_act_dropout(inp, weight, bias, activation, p)
 
 
 def rezero_fc(x, weight, bias, alpha, activation="relu", dropout_p=0.0, training=True,
@@ -145,18 +147,19 @@ def rezero_fc(x, weight, bias, alpha, activation="relu", dropout_p=0.0, training
         if out is not None:
             return out
     x = check.tensor("x", x)
-    channels = check.gemm_operands(x, weight)
-    if weight.shape[0] != channels:
-        raise ValueError(f"weight must be square ({channels}, {channels}) so that the block keeps "
-                         f"x's width, got {tuple(weight.shape)}")
-    bias = _bias(bias, channels, weight)
-    check.channel_vector("bias", bias, channels, allow_scalar=False)
+    channels, bias = _gemm_checked(x, weight, bias)
+    if channels != x.shape[-1]:
+        raise ValueError(f"weight must be square ({x.shape[-1]}, {x.shape[-1]}) so that the "
+                         f"block keeps x's width, got {tuple(weight.shape)}")
     alpha = _gate(alpha, x)
     check.channel_vector("alpha", alpha, channels, allow_scalar=True)
     device = check.same_device(x=x, weight=weight, bias=bias, alpha=alpha)
     activation = check.activation(activation)
     p = check.dropout_p(dropout_p, training)
-    x, weight, bias = _autocast(device, x, weight, bias)
-    dtype = check.common_dtype(x, weight, bias)
+    if torch.is_autocast_enabled(device.type):
+        # the GEMM runs in the autocast dtype while the residual stream keeps x's, as in eager
+        h = linear_bias_act_dropout(x, weight, bias, activation, 0.0, training, backend)
+        return rezero_residual(x, h, alpha, p, training, backend)
+    x, weight, bias = _gemm_operands(device, x, weight, bias)
     impl = dispatch.implementation(dispatch.select(backend, device))
-    return impl.rezero_fc(x.to(dtype), weight.to(dtype), bias.to(dtype), alpha, activation, p)
+    return impl.rezero_fc(x, weight, bias, alpha, activation, p)

@@ -360,6 +360,35 @@ def test_alpha_forms_on_float64_data_are_exact(target, alpha):
     torch.testing.assert_close(out, want, rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("block", ["encoder layer", "FC block"])
+def test_bf16_autocast_matches_the_reference_under_autocast(target, block):
+    """Under autocast the GEMMs run in bf16 and the residual stream keeps float32, as in eager;
+    the error against float64 is within twice the reference's under the same autocast."""
+    if target.interpreted and block == "encoder layer":
+        pytest.skip("the interpreter runs the layer's GEMMs too slowly")
+    torch.manual_seed(0)
+    dev = target.device
+    if block == "encoder layer":
+        fused = rzk.RZTXEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, alpha_init=0.5,
+                                     backend=target.backend, device=dev)
+        ref = python_ref.RZTXEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True,
+                                          alpha_init=0.5, device=dev)
+    else:
+        fused = rzk.ReZeroFCBlock(32, "gelu", alpha_init=0.5, backend=target.backend, device=dev)
+        ref = rzk.ReZeroFCBlock(32, "gelu", alpha_init=0.5, backend="torch", device=dev)
+    ref.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 7, 32, device=dev)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        out_f, out_r = fused(x), ref(x)
+    exact = ref.double()(x.double())
+    assert out_f.dtype == out_r.dtype
+    err_f = (out_f.double() - exact).abs().max().item()
+    err_r = (out_r.double() - exact).abs().max().item()
+    assert err_f <= 2 * err_r + 1e-3, (err_f, err_r)
+    out_f.float().sum().backward()
+    assert fused.resweight.grad.dtype == torch.float32
+
+
 def test_python_float_alpha_and_missing_bias(target):
     x, inp, w = (randn(target, *s).float() for s in [(3, 4), (3, 5), (4, 5)])
     torch.testing.assert_close(F.rezero_residual(x, inp[:, :4], 0.25, backend=target.backend),
