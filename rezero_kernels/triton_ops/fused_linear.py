@@ -65,10 +65,12 @@ def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, 
         b = tl.load(b_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
         if DOT == 0:  # 16-bit inputs
             acc = tl.dot(a, b, acc)
-        elif DOT == 3:  # bf16 in the interpreter, whose dot mistakes bf16 for integers
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:  # fp32 (as eager fp32 matmul: no TF32) and fp64
+        elif DOT == 1:  # fp32, as eager fp32 matmul: no TF32
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif DOT == 2:  # fp64 (its accumulator type must be named, or Triton 3.6 rejects it)
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+        else:  # bf16 in the interpreter, whose dot mistakes bf16 for integers
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
