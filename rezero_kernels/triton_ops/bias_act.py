@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import (define_op, dropout, elementwise_configs, math_dtype, new_seed, row_groups,
-                     scale_args, skip_launch, to_math)
+from .common import (define_op, dropout, dropout_args, elementwise_configs, math_dtype,
+                     new_seed, row_groups, skip_launch, to_math)
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 RELU = ACTIVATION_CODES["relu"]
@@ -58,28 +58,31 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
-def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, p, scale, scale_lo,
+@triton.jit(do_not_specialize=["threshold"])
+def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, threshold, scale, scale_lo,
                   ACT: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     inside = (rows[:, None] < M) & (cols[None, :] < C)
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
     z = to_math(tl.load(h_ptr + offs, mask=inside, other=0.0), FP64)
     z += to_math(tl.load(bias_ptr + cols, mask=cols < C, other=0.0), FP64)[None, :]
-    y = dropout(activation(z, ACT), seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    y = dropout(activation(z, ACT), seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT,
+                FP64, BLOCK_C)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, group_rows,
-                  p, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
+                  threshold, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
                   DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     group = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     first = group * group_rows
     acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
     for start in range(0, group_rows, BLOCK_M):
@@ -87,7 +90,7 @@ def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, gro
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
         offs = rows[:, None].to(tl.int64) * C + cols[None, :]
         dz = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
-        dz = dropout(dz, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+        dz = dropout(dz, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         if ACT != 0:
             z = to_math(tl.load(z_ptr + offs, mask=inside, other=0.0), FP64)
             if ADD_BIAS:
@@ -112,11 +115,10 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     partial = torch.zeros((groups, C), dtype=sum_dtype, device=grad.device)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
     if grad.numel() and not skip_launch(grad):
-        hi, lo = scale_args(p)
         grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
         wrap_triton(_bias_act_bwd)[grid](
             grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
-            triton.cdiv(M, groups), p, hi, lo, ACT=act, ADD_BIAS=int(bias is not None),
+            triton.cdiv(M, groups), *dropout_args(p), ACT=act, ADD_BIAS=int(bias is not None),
             DROPOUT=int(seed is not None), STORE_GRAD=int(store),
             FP64=int(sum_dtype == torch.float64))
     return dz, partial.sum(0)
@@ -130,10 +132,9 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
     if out.numel() == 0 or skip_launch(h):
         return out
     M = out.numel() // C
-    hi, lo = scale_args(p)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
     wrap_triton(_bias_act_fwd)[grid](
-        h.contiguous(), bias, seed, out, M, C, p, hi, lo, ACT=act,
+        h.contiguous(), bias, seed, out, M, C, *dropout_args(p), ACT=act,
         DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
     return out
 

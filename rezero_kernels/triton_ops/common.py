@@ -1,15 +1,24 @@
-"""Pieces every Triton kernel family shares: the dropout generator, math dtypes, block configs,
-op registration.
+"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs, op
+registration.
 
 Dropout.  An op with ``p > 0`` draws one int64 seed with ``torch.randint`` on the data's device
-(so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw), passes the
-1-element tensor to its kernels, and a kernel keeps element ``i`` (the row-major index of the
-op's output) where ``tl.rand(seed, i) >= p``.  Backward regenerates the same keep-mask from the
-same seed and indices; no mask is ever stored.  With ``p == 0`` no seed is drawn (``seed`` is
-None) and the kernels are compiled without the dropout code (``DROPOUT=0``).
+(so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw) and passes the
+1-element tensor to its kernels.  Every kernel views the op's output as ``(rows, C)`` (C its last
+dimension) and keeps element ``(r, c)`` where
 
-The scale ``1 / (1 - p)`` travels as two float32 kernel arguments (Triton passes Python floats
-as float32): its float32 rounding and the remainder, so float64 kernels rebuild it to ~1e-15.
+    word c % 4 of Philox4x32-10(key = seed, counter = (lo(c/4), hi(c/4), lo(r), hi(r)))
+
+is below ``threshold(p) = min(2^32 - 1, floor((1 - p) 2^32))`` (the threshold of
+``csrc/philox.h``).  One Philox call decides four adjacent elements of a row: tiles start at
+multiples of 4 columns, so all four words of every call are used, and the counters are a row
+and a column group, so no per-element 64-bit index feeds the generator.  Backward regenerates
+the same keep-mask from the same seed; no mask is ever stored.  With ``p == 0`` no seed is drawn
+(``seed`` is None) and the kernels are compiled without the dropout code (``DROPOUT=0``).
+
+The threshold travels as an int32 kernel argument holding its 32 bits (``do_not_specialize``,
+so every p runs the same compiled kernel); the scale ``1 / (1 - p)`` as two float32 arguments
+(Triton passes Python floats as float32): its float32 rounding and the remainder, so float64
+kernels rebuild it to ~1e-15.
 """
 import os
 
@@ -24,8 +33,9 @@ def interpreting() -> bool:
 
 
 def elementwise_configs():
-    """(BLOCK_M rows x BLOCK_C channels) tiles for the elementwise kernels.  The interpreter
-    pays per program, not per element, so it gets one large tile."""
+    """(BLOCK_M rows x BLOCK_C channels) tiles for the elementwise kernels (BLOCK_C a multiple
+    of 4: see the dropout rule).  The interpreter pays per program, not per element, so it gets
+    one large tile."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 256}, num_warps=4)]
     shapes = ((1, 1024, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (4, 1024, 8), (32, 32, 4))
@@ -56,11 +66,12 @@ def new_seed(p: float, device: torch.device):
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def scale_args(p: float):
-    """``1/(1-p)`` as (float32 part, remainder)."""
+def dropout_args(p: float):
+    """(threshold as the int32 with its bits, 1/(1-p) as float32 part, remainder)."""
+    threshold = min(2**32 - 1, int((1.0 - p) * 2**32))
     scale = 1.0 / (1.0 - p)
     hi = float(np.float32(scale))
-    return hi, scale - hi
+    return threshold - 2**32 if threshold >= 2**31 else threshold, hi, scale - hi
 
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -103,14 +114,42 @@ def to_math(v, FP64: tl.constexpr):
 
 
 @triton.jit
-def dropout(v, seed_ptr, offsets, p, scale, scale_lo, DROPOUT: tl.constexpr, FP64: tl.constexpr):
-    """``v * scale`` where the keep-mask of (seed, offsets) is set, else 0 (``DROPOUT=0``: just
-    ``v * scale``, for callers whose input already carries the mask; scale is 1 when p == 0)."""
+def _halves(v):
+    """(low, high) 32 bits of an integer tensor."""
+    if tl.constexpr(v.dtype.primitive_bitwidth) > 32:
+        lo = v.to(tl.uint32)
+        hi = (v >> 32).to(tl.uint32)
+    else:
+        lo = v.to(tl.uint32, bitcast=True)
+        hi = lo * 0
+    return lo, hi
+
+
+@triton.jit
+def keep_mask(seed_ptr, rows, col0, threshold, BLOCK_C: tl.constexpr):
+    """The keep-mask of the tile ``rows x [col0, col0 + BLOCK_C)`` (col0 % 4 == 0): one Philox
+    call per 4 columns of a row, its words interleaved back into column order."""
+    groups = col0 // 4 + tl.arange(0, BLOCK_C // 4)
+    g_lo, g_hi = _halves(groups)
+    r_lo, r_hi = _halves(rows)
+    w0, w1, w2, w3 = tl.philox(tl.load(seed_ptr), g_lo[None, :], g_hi[None, :], r_lo[:, None],
+                               r_hi[:, None])
+    t = threshold.to(tl.uint32, bitcast=True)
+    # join(join(w0, w2), join(w1, w3))[.., j, i] is word 2 j + i: row-major order is 0, 1, 2, 3
+    keep = tl.join(tl.join(w0 < t, w2 < t), tl.join(w1 < t, w3 < t))
+    return tl.reshape(keep, (rows.shape[0], BLOCK_C))
+
+
+@triton.jit
+def dropout(v, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT: tl.constexpr,
+            FP64: tl.constexpr, BLOCK_C: tl.constexpr):
+    """``v * scale`` where the keep-mask of the tile (rows, [col0, col0 + BLOCK_C)) is set, else
+    0 (``DROPOUT=0``: just ``v * scale``, for callers whose input already carries the mask;
+    scale is 1 when p == 0)."""
     if FP64:
         v = v * (tl.cast(scale, tl.float64) + tl.cast(scale_lo, tl.float64))
     else:
         v = v * scale
     if DROPOUT:
-        keep = tl.rand(tl.load(seed_ptr), offsets) >= p
-        v = tl.where(keep, v, 0.0)
+        v = tl.where(keep_mask(seed_ptr, rows, col0, threshold, BLOCK_C), v, 0.0)
     return v

@@ -28,15 +28,15 @@ import triton.language as tl
 from torch.library import wrap_triton
 
 from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
-from .common import (define_op, dropout, gemm_configs, interpreting, math_dtype, new_seed,
-                     scale_args, skip_launch, to_math)
+from .common import (define_op, dropout, dropout_args, gemm_configs, interpreting, math_dtype,
+                     new_seed, skip_launch, to_math)
 
 
 @triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, pre_ptr,
                    M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_xm, stride_xn,
-                   p, scale, scale_lo, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   threshold, scale, scale_lo, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
                    STORE_PRE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
                    RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -74,21 +74,25 @@ def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, 
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    # epilogue: 64-bit offsets once per row, 32-bit column offsets; dropout draws one Philox
+    # call per 4 columns (common.keep_mask), the mask rule of the elementwise kernels
     acc = to_math(acc, FP64)
     inside = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    offs = (rm.to(tl.int64) * N)[:, None] + rn[None, :]
     if HAS_BIAS:
         acc += to_math(tl.load(bias_ptr + rn, mask=rn < N, other=0.0), FP64)[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
     acc = activation(acc, ACT)
-    acc = dropout(acc, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    acc = dropout(acc, seed_ptr, rm, pid_n * BLOCK_N, threshold, scale, scale_lo, DROPOUT, FP64,
+                  BLOCK_N)
     if RESIDUAL:
         if PER_CHANNEL:
             gate = tl.load(alpha_ptr + rn, mask=rn < N, other=0.0)[None, :]
         else:
             gate = tl.load(alpha_ptr)
-        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xn
+        x_ptrs = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] \
+            + (rn.to(tl.int64) * stride_xn)[None, :]
         acc = to_math(tl.load(x_ptrs, mask=inside, other=0.0), FP64) + to_math(gate, FP64) * acc
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -102,12 +106,11 @@ def _gemm(a, b, out, bias=None, x=None, alpha=None, seed=None, pre=None, act=0, 
     dot = {torch.float64: 2, torch.float32: 1}.get(a.dtype, 0)
     if dot == 0 and a.dtype == torch.bfloat16 and interpreting():
         dot = 3
-    hi, lo = scale_args(p)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     wrap_triton(_linear_kernel)[grid](
         a, b, bias, x, alpha, seed, out, pre, M, N, K, a.stride(0), a.stride(1), b.stride(0),
         b.stride(1), x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0,
-        p, hi, lo, DOT=dot, HAS_BIAS=int(bias is not None), STORE_PRE=int(pre is not None),
+        *dropout_args(p), DOT=dot, HAS_BIAS=int(bias is not None), STORE_PRE=int(pre is not None),
         ACT=act, DROPOUT=int(seed is not None), RESIDUAL=int(x is not None),
         PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
         FP64=int(out.dtype == torch.float64))

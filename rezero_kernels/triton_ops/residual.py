@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .common import (define_op, dropout, elementwise_configs, math_dtype, new_seed, row_groups,
-                     scale_args, skip_launch, to_math)
+from .common import (define_op, dropout, dropout_args, elementwise_configs, math_dtype,
+                     new_seed, row_groups, skip_launch, to_math)
 
 
 @triton.jit
@@ -27,28 +27,30 @@ def _load_alpha(alpha_ptr, cols, C, PER_CHANNEL: tl.constexpr, FP64: tl.constexp
 
 
 @triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
-def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, p, scale, scale_lo,
+@triton.jit(do_not_specialize=["threshold"])
+def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, threshold, scale, scale_lo,
                   PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     inside = (rows[:, None] < M) & (cols[None, :] < C)
     offs = rows[:, None].to(tl.int64) * C + cols[None, :]
     x = to_math(tl.load(x_ptr + offs, mask=inside, other=0.0), FP64)
     fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
-    fx = dropout(fx, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    fx = dropout(fx, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
     y = x + _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64) * fx
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 @triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
+@triton.jit(do_not_specialize=["threshold"])
 def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, group_rows,
-                  p, scale, scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
+                  threshold, scale, scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
                   FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     group = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col0 = tl.program_id(1) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     a = _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64)
     first = group * group_rows
     acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
@@ -57,7 +59,7 @@ def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, 
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
         offs = rows[:, None].to(tl.int64) * C + cols[None, :]
         dy = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
-        dy = dropout(dy, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+        dy = dropout(dy, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         tl.store(dfx_ptr + offs, (a * dy).to(dfx_ptr.dtype.element_ty), mask=inside)
         fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
         acc += tl.sum(dy * fx, axis=0)
@@ -72,10 +74,9 @@ def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
     if out.numel() == 0 or skip_launch(x):
         return out
     M = out.numel() // C
-    hi, lo = scale_args(p)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
     wrap_triton(_residual_fwd)[grid](
-        x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, p, hi, lo,
+        x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, *dropout_args(p),
         PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
         FP64=int(x.dtype == torch.float64))
     return out
@@ -91,12 +92,11 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
     grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
     partial = torch.zeros((groups, C), dtype=math_dtype(fx.dtype), device=fx.device)
     if fx.numel() and not skip_launch(fx):
-        hi, lo = scale_args(p)
         group_rows = triton.cdiv(M, groups)
         grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
         wrap_triton(_residual_bwd)[grid](
             grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, group_rows,
-            p, hi, lo, PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
+            *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
             FP64=int(fx.dtype == torch.float64))
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
     return grad_fx, grad_alpha.to(alpha.dtype)
