@@ -15,9 +15,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import (define_op, dropout, dropout_args, elementwise_configs, math_dtype,
+from .common import (define_op, dropout, dropout_args, elementwise_configs, launch, math_dtype,
                      new_seed, row_groups, skip_launch, to_math)
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
@@ -116,11 +115,11 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
     if grad.numel() and not skip_launch(grad):
         grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
-        wrap_triton(_bias_act_bwd)[grid](
-            grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
-            triton.cdiv(M, groups), *dropout_args(p), ACT=act, ADD_BIAS=int(bias is not None),
-            DROPOUT=int(seed is not None), STORE_GRAD=int(store),
-            FP64=int(sum_dtype == torch.float64))
+        launch(_bias_act_bwd, grid, grad.device,
+               grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
+               triton.cdiv(M, groups), *dropout_args(p), ACT=act, ADD_BIAS=int(bias is not None),
+               DROPOUT=int(seed is not None), STORE_GRAD=int(store),
+               FP64=int(sum_dtype == torch.float64))
     return dz, partial.sum(0)
 
 
@@ -133,9 +132,9 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
         return out
     M = out.numel() // C
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    wrap_triton(_bias_act_fwd)[grid](
-        h.contiguous(), bias, seed, out, M, C, *dropout_args(p), ACT=act,
-        DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
+    launch(_bias_act_fwd, grid, h.device,
+           h.contiguous(), bias, seed, out, M, C, *dropout_args(p), ACT=act,
+           DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
     return out
 
 

@@ -1,5 +1,5 @@
-"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs, op
-registration.
+"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs, the
+launch (device guard), op registration.
 
 Dropout.  An op with ``p > 0`` draws one int64 seed with ``torch.randint`` on the data's device
 (so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw) and passes the
@@ -20,12 +20,14 @@ so every p runs the same compiled kernel); the scale ``1 / (1 - p)`` as two floa
 (Triton passes Python floats as float32): its float32 rounding and the remainder, so float64
 kernels rebuild it to ~1e-15.
 """
+import contextlib
 import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 
 def interpreting() -> bool:
@@ -76,6 +78,25 @@ def dropout_args(p: float):
 
 def math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# --- launching and registration -------------------------------------------------------------
+
+# Set by tools that list the kernel variants the ops launch (tests/aot_compile.py): each
+# launch is handed to it as (kernel, grid, device, args, kwargs) instead of being run.
+launch_observer = None
+
+
+def launch(kernel, grid, device: torch.device, *args, **kwargs):
+    """``kernel[grid](*args, **kwargs)`` on ``device``.  Triton launches on the current CUDA
+    device, whatever the tensors' device, so a tensor on cuda:1 while cuda:0 is current needs
+    the guard (as CUDAGuard in csrc/cuda/binding.cpp)."""
+    if launch_observer is not None:
+        launch_observer(kernel, grid, device, args, kwargs)
+        return
+    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        wrap_triton(kernel)[grid](*args, **kwargs)
 
 
 def skip_launch(*tensors) -> bool:

@@ -11,9 +11,8 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import (define_op, dropout, dropout_args, elementwise_configs, math_dtype,
+from .common import (define_op, dropout, dropout_args, elementwise_configs, launch, math_dtype,
                      new_seed, row_groups, skip_launch, to_math)
 
 
@@ -75,10 +74,10 @@ def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
         return out
     M = out.numel() // C
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    wrap_triton(_residual_fwd)[grid](
-        x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, *dropout_args(p),
-        PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
-        FP64=int(x.dtype == torch.float64))
+    launch(_residual_fwd, grid, x.device,
+           x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, *dropout_args(p),
+           PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
+           FP64=int(x.dtype == torch.float64))
     return out
 
 
@@ -94,10 +93,10 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
     if fx.numel() and not skip_launch(fx):
         group_rows = triton.cdiv(M, groups)
         grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
-        wrap_triton(_residual_bwd)[grid](
-            grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, group_rows,
-            *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
-            FP64=int(fx.dtype == torch.float64))
+        launch(_residual_bwd, grid, fx.device,
+               grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C,
+               group_rows, *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
+               DROPOUT=int(seed is not None), FP64=int(fx.dtype == torch.float64))
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
     return grad_fx, grad_alpha.to(alpha.dtype)
 

@@ -1,0 +1,88 @@
+"""The Triton kernels, checked for real GPUs without one.
+
+Pure Python (the ops run in Triton's interpreter, their launches observed, not run): every
+launch runs under a guard for its tensors' device.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+triton = pytest.importorskip("triton")
+
+from rezero_kernels import triton_ops as T  # noqa: E402
+from rezero_kernels.triton_ops import common  # noqa: E402
+
+KERNELS = {"_residual_fwd", "_residual_bwd", "_bias_act_fwd", "_bias_act_bwd", "_linear_kernel"}
+
+
+def _observe_launches(fn):
+    """[(kernel, grid, device, args, kwargs)] of the launches fn() makes, none run."""
+    launches = []
+    common.launch_observer = lambda *launch: launches.append(launch)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("TRITON_INTERPRET", "0")  # row_groups and the GEMM's codes as on a GPU
+            fn()
+    finally:
+        common.launch_observer = None
+    return launches
+
+
+def _all_ops(rows, channels, device="meta", dtype=torch.bfloat16):
+    """Every op forward and backward on (rows, channels) data; the GEMMs map up to 4096
+    channels to as many (the backend functions: meta tensors never reach a public op)."""
+    def t(*shape):
+        return torch.empty(shape, dtype=dtype, device=device).requires_grad_(True)
+
+    def backward(out):
+        out.backward(torch.empty_like(out))
+
+    def run():
+        x, alpha, bias = t(rows, channels), t(channels), t(channels)
+        backward(T.rezero_residual(x, t(rows, channels), alpha, 0.1))
+        backward(T.bias_act_dropout(x, bias, "gelu", 0.1))
+        n = min(channels, 4096)
+        inp, w, b, a = t(rows, n), t(n, n), t(n), t(n)
+        backward(T.linear_bias_act_dropout(inp, w, b, "gelu", 0.1))
+        backward(T.rezero_linear(t(rows, n), inp, w, b, a, 0.1))
+    return run
+
+
+# --- device guard ------------------------------------------------------------------------------
+
+def test_every_launch_passes_its_tensors_device():
+    launches = _observe_launches(_all_ops(9, 40))
+    assert {kernel.fn.__name__ for kernel, *_ in launches} == KERNELS
+    for kernel, grid, device, args, kwargs in launches:
+        assert device == torch.device("meta"), (kernel.fn.__name__, device)
+
+
+def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
+    """A tensor on cuda:1 while cuda:0 is current: Triton launches on the current device, so
+    launch() must make the tensors' device current around the launch."""
+    entered = []
+
+    @contextlib.contextmanager
+    def device_guard(device):
+        entered.append(("enter", torch.device(device)))
+        yield
+        entered.append(("exit", torch.device(device)))
+
+    class Launcher:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: entered.append(("launch", grid))
+
+    monkeypatch.setattr(torch.cuda, "device", device_guard)
+    monkeypatch.setattr(common, "wrap_triton", lambda kernel: Launcher())
+    common.launch(None, (1,), torch.device("cuda", 1))
+    assert entered == [("enter", torch.device("cuda", 1)), ("launch", (1,)),
+                       ("exit", torch.device("cuda", 1))]
+    entered.clear()
+    common.launch(None, (1,), torch.device("cpu"))
+    assert entered == [("launch", (1,))]
