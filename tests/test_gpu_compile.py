@@ -1,7 +1,7 @@
 """The Triton kernels, checked for real GPUs without one.
 
 Pure Python (the ops run in Triton's interpreter, their launches observed, not run): every
-launch runs under a guard for its tensors' device.
+launch runs under a guard for its tensors' device; autotuning keys on shape classes.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from rezero_kernels import triton_ops as T  # noqa: E402
-from rezero_kernels.triton_ops import common  # noqa: E402
+from rezero_kernels.triton_ops import common, tuning  # noqa: E402
 
 KERNELS = {"_residual_fwd", "_residual_bwd", "_bias_act_fwd", "_bias_act_bwd", "_linear_kernel"}
 
@@ -86,3 +86,35 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
     entered.clear()
     common.launch(None, (1,), torch.device("cpu"))
     assert entered == [("launch", (1,))]
+
+
+# --- autotuning keys ---------------------------------------------------------------------------
+
+def _tuning_keys(rows, channels):
+    """{kernel name: the autotuner cache key of each launch} as Triton's Autotuner.run forms it
+    (its key arguments, then the dtypes of its tensor arguments)."""
+    keys = {}
+    for kernel, grid, device, args, kwargs in _observe_launches(
+            _all_ops(rows, channels, device="cpu")):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        key = [named[k] for k in kernel.keys if k in named]
+        key += [str(v.dtype) for v in named.values() if hasattr(v, "dtype")]
+        keys.setdefault(kernel.fn.__name__, []).append(tuple(key))
+    return keys
+
+
+def test_autotuning_keys_on_shape_classes_not_row_counts():
+    """A new batch x sequence length in the same power-of-two bucket reuses every tuning (it
+    used to re-benchmark every config for each row count, and fail under graph capture)."""
+    assert _tuning_keys(33, 40) == _tuning_keys(60, 40) == _tuning_keys(64, 40)
+    assert _tuning_keys(33, 40) != _tuning_keys(65, 40)
+    assert set(_tuning_keys(33, 40)) == KERNELS
+
+
+def test_warmup_launches_every_kernel_once_per_bucket():
+    launches = _observe_launches(lambda: tuning.warmup([33, 60, 200], 17, 40, device="cpu",
+                                                       dropout_p=0.1))
+    assert {kernel.fn.__name__ for kernel, *_ in launches} == KERNELS
+    rows = {args[kernel.arg_names.index("M")] for kernel, _, _, args, _ in launches
+            if kernel.fn.__name__ == "_residual_fwd"}
+    assert rows == {33, 200}  # 60 shares 33's bucket

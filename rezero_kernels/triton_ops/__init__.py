@@ -6,6 +6,7 @@
     fused_linear.py  x + alpha * dropout(inp @ W.T + b) and dropout(act(inp @ W.T + b)):
                      a GEMM with the epilogue fused into it
     common.py        dropout generator, block configs, op registration
+    tuning.py        warmup(): autotune for given shapes before CUDA-graph capture
 
 Every op is registered as ``rezero_kernels_triton::<name>`` (a ``torch.library.triton_op`` on
 GPU machines, so ``torch.compile(fullgraph=True)`` traces into the kernels) with its autograd

@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (define_op, dropout, dropout_args, elementwise_configs, launch, math_dtype,
-                     new_seed, row_groups, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs, launch,
+                     math_dtype, new_seed, row_groups, skip_launch, to_math)
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 RELU = ACTIVATION_CODES["relu"]
@@ -56,9 +56,10 @@ def activation_grad(z, ACT: tl.constexpr):
     return g
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit(do_not_specialize=["threshold"])
-def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, threshold, scale, scale_lo,
+@triton.autotune(configs=elementwise_configs(),
+                 key=["C", "M_BUCKET", "ACT", "DROPOUT", "FP64"])
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale, scale_lo,
                   ACT: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -73,10 +74,11 @@ def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, threshold, scale, sc
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit(do_not_specialize=["threshold"])
-def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, group_rows,
-                  threshold, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
+@triton.autotune(configs=elementwise_configs(),
+                 key=["C", "M_BUCKET", "ACT", "ADD_BIAS", "DROPOUT", "STORE_GRAD", "FP64"])
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_BUCKET,
+                  group_rows, threshold, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
                   DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     group = tl.program_id(0)
@@ -117,9 +119,9 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
         grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
         launch(_bias_act_bwd, grid, grad.device,
                grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
-               triton.cdiv(M, groups), *dropout_args(p), ACT=act, ADD_BIAS=int(bias is not None),
-               DROPOUT=int(seed is not None), STORE_GRAD=int(store),
-               FP64=int(sum_dtype == torch.float64))
+               bucket(M), triton.cdiv(M, groups), *dropout_args(p), ACT=act,
+               ADD_BIAS=int(bias is not None), DROPOUT=int(seed is not None),
+               STORE_GRAD=int(store), FP64=int(sum_dtype == torch.float64))
     return dz, partial.sum(0)
 
 
@@ -133,7 +135,7 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
     M = out.numel() // C
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
     launch(_bias_act_fwd, grid, h.device,
-           h.contiguous(), bias, seed, out, M, C, *dropout_args(p), ACT=act,
+           h.contiguous(), bias, seed, out, M, C, bucket(M), *dropout_args(p), ACT=act,
            DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
     return out
 

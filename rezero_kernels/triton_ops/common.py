@@ -1,5 +1,5 @@
-"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs, the
-launch (device guard), op registration.
+"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs,
+autotuning keys, the launch (device guard), op registration.
 
 Dropout.  An op with ``p > 0`` draws one int64 seed with ``torch.randint`` on the data's device
 (so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw) and passes the
@@ -19,6 +19,11 @@ The threshold travels as an int32 kernel argument holding its 32 bits (``do_not_
 so every p runs the same compiled kernel); the scale ``1 / (1 - p)`` as two float32 arguments
 (Triton passes Python floats as float32): its float32 rounding and the remainder, so float64
 kernels rebuild it to ~1e-15.
+
+Autotuning is keyed on the shape class, never on the exact row count (batch x sequence length
+changes from call to call; re-tuning costs ~0.1 s per config and cannot run during CUDA-graph
+capture): the channel count (elementwise) or N (GEMM), the row count rounded up to a power of
+two (``bucket``), and the kernel's constexpr flags.  ``tuning.warmup`` tunes ahead of capture.
 """
 import contextlib
 import os
@@ -51,6 +56,11 @@ def gemm_configs():
               (128, 256, 64, 3, 8), (64, 32, 32, 5, 2), (32, 64, 64, 4, 4))
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
                           num_stages=s, num_warps=w) for m, n, k, s, w in shapes]
+
+
+def bucket(n: int) -> int:
+    """The power of two >= n that autotuning keys a row count by."""
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 def row_groups(rows: int) -> int:

@@ -27,19 +27,21 @@ import triton
 import triton.language as tl
 
 from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
-from .common import (define_op, dropout, dropout_args, gemm_configs, interpreting, launch,
-                     math_dtype, new_seed, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, interpreting,
+                     launch, math_dtype, new_seed, skip_launch, to_math)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
-@triton.jit(do_not_specialize=["threshold"])
+@triton.autotune(configs=gemm_configs(),
+                 key=["N", "M_BUCKET", "K_BUCKET", "DOT", "HAS_BIAS", "STORE_PRE", "ACT",
+                      "DROPOUT", "RESIDUAL", "PER_CHANNEL", "FP64"])
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET", "K_BUCKET"])
 def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, pre_ptr,
-                   M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_xm, stride_xn,
-                   threshold, scale, scale_lo, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   STORE_PRE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-                   RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   M, N, K, M_BUCKET, K_BUCKET, stride_am, stride_ak, stride_bn, stride_bk,
+                   stride_xm, stride_xn, threshold, scale, scale_lo, DOT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
+                   DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                   FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped program order: GROUP_M row-blocks share the column blocks they sweep (L2 reuse)
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
@@ -107,9 +109,9 @@ def _gemm(a, b, out, bias=None, x=None, alpha=None, seed=None, pre=None, act=0, 
         dot = 3
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
     launch(_linear_kernel, grid, out.device,
-           a, b, bias, x, alpha, seed, out, pre, M, N, K, a.stride(0), a.stride(1), b.stride(0),
-           b.stride(1), x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0,
-           *dropout_args(p), DOT=dot, HAS_BIAS=int(bias is not None),
+           a, b, bias, x, alpha, seed, out, pre, M, N, K, bucket(M), bucket(K), a.stride(0),
+           a.stride(1), b.stride(0), b.stride(1), x.stride(0) if x is not None else 0,
+           x.stride(1) if x is not None else 0, *dropout_args(p), DOT=dot, HAS_BIAS=int(bias is not None),
            STORE_PRE=int(pre is not None), ACT=act, DROPOUT=int(seed is not None),
            RESIDUAL=int(x is not None), PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
            FP64=int(out.dtype == torch.float64))

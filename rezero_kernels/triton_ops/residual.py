@@ -12,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (define_op, dropout, dropout_args, elementwise_configs, launch, math_dtype,
-                     new_seed, row_groups, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs, launch,
+                     math_dtype, new_seed, row_groups, skip_launch, to_math)
 
 
 @triton.jit
@@ -25,10 +25,11 @@ def _load_alpha(alpha_ptr, cols, C, PER_CHANNEL: tl.constexpr, FP64: tl.constexp
     return to_math(a, FP64)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit(do_not_specialize=["threshold"])
-def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, threshold, scale, scale_lo,
-                  PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
+@triton.autotune(configs=elementwise_configs(),
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"])
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale,
+                  scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * BLOCK_C
@@ -42,11 +43,13 @@ def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, threshold, 
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit(do_not_specialize=["threshold"])
-def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, group_rows,
-                  threshold, scale, scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
-                  FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+@triton.autotune(configs=elementwise_configs(),
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"])
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, M_BUCKET,
+                  group_rows, threshold, scale, scale_lo, PER_CHANNEL: tl.constexpr,
+                  DROPOUT: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     group = tl.program_id(0)
     col0 = tl.program_id(1) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
@@ -75,7 +78,7 @@ def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
     M = out.numel() // C
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
     launch(_residual_fwd, grid, x.device,
-           x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, *dropout_args(p),
+           x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, bucket(M), *dropout_args(p),
            PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
            FP64=int(x.dtype == torch.float64))
     return out
@@ -95,7 +98,7 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
         grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
         launch(_residual_bwd, grid, fx.device,
                grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C,
-               group_rows, *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
+               bucket(M), group_rows, *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
                DROPOUT=int(seed is not None), FP64=int(fx.dtype == torch.float64))
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
     return grad_fx, grad_alpha.to(alpha.dtype)
