@@ -1,7 +1,8 @@
 """The Triton kernels, checked for real GPUs without one.
 
 Pure Python (the ops run in Triton's interpreter, their launches observed, not run): every
-launch runs under a guard for its tensors' device; autotuning keys on shape classes.
+launch runs under a guard for its tensors' device; autotuning keys on shape classes; launch
+grids stay within CUDA's limits for any size and give a GPU enough programs.
 """
 from __future__ import annotations
 
@@ -19,6 +20,14 @@ from rezero_kernels import triton_ops as T  # noqa: E402
 from rezero_kernels.triton_ops import common, tuning  # noqa: E402
 
 KERNELS = {"_residual_fwd", "_residual_bwd", "_bias_act_fwd", "_bias_act_bwd", "_linear_kernel"}
+GEMM = "_linear_kernel"
+
+
+def _gpu_configs(make):
+    """The configs a GPU run uses (this process runs the interpreter's)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        return make()
 
 
 def _observe_launches(fn):
@@ -118,3 +127,56 @@ def test_warmup_launches_every_kernel_once_per_bucket():
     rows = {args[kernel.arg_names.index("M")] for kernel, _, _, args, _ in launches
             if kernel.fn.__name__ == "_residual_fwd"}
     assert rows == {33, 200}  # 60 shares 33's bucket
+
+
+# --- launch grids ------------------------------------------------------------------------------
+
+MAX_AXIS0, MAX_AXIS12 = 2**31 - 1, 65535
+# (rows, channels) a user may pass: flattened 1-D tensors of up to 2^35 elements (an op holds
+# three such tensors: 192 GiB in bf16, more than any GPU's memory), single columns, and
+# ordinary activations
+SIZES = [(1, 1), (1, 2**21 + 7), (1, 2**35), (2**35, 1), (3, 2**33), (2**17, 2**18),
+         (4096, 2048), (8192, 512), (7, 33)]
+
+
+def _grid_sizes(launches):
+    """(kernel name, config, grid) of each launch for every GPU config its kernel's prune
+    keeps."""
+    configs = {"gemm": _gpu_configs(common.gemm_configs),
+               "elementwise": _gpu_configs(common.elementwise_configs)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        for kernel, grid, device, args, kwargs in launches:
+            name = kernel.fn.__name__
+            kept = configs["gemm" if name == GEMM else "elementwise"]
+            if kernel.early_config_prune is not None:
+                kept = kernel.early_config_prune(kept, dict(zip(kernel.arg_names, args)),
+                                                 **kwargs)
+            assert kept, (name, "no config left")
+            for config in kept:
+                yield name, config, grid(config.kwargs)
+
+
+@pytest.mark.parametrize("rows,channels", SIZES, ids=str)
+def test_launch_grids_stay_within_cuda_limits(rows, channels):
+    """The real launchers, on meta tensors of every size, for every config: axis 0 below
+    2^31, axes 1 and 2 below 65535 (they used to carry cdiv(C, BLOCK_C): a launch failure for
+    C > 2^21 at BLOCK_C = 32)."""
+    launches = _observe_launches(_all_ops(rows, channels))
+    assert launches
+    for name, config, grid in _grid_sizes(launches):
+        assert 1 <= grid[0] <= MAX_AXIS0, (name, config.kwargs, grid)
+        assert all(1 <= g <= MAX_AXIS12 for g in grid[1:]), (name, config.kwargs, grid)
+
+
+def test_column_reductions_give_a_gpu_enough_programs():
+    """4096 x 2048 (measured 3x slower than the CUDA kernels on an H100 with 128 programs for
+    132 SMs): every config now launches at least 256 programs, still with one partial row per
+    row group."""
+    launches = _observe_launches(_all_ops(4096, 2048))
+    reductions = [(n, c, g) for n, c, g in _grid_sizes(launches)
+                  if n in ("_residual_bwd", "_bias_act_bwd")]
+    assert reductions
+    for name, config, grid in reductions:
+        assert grid[0] >= 256, (name, config.kwargs, grid)
+    assert common.row_groups(4096) <= common.MAX_GROUPS

@@ -16,8 +16,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs, launch,
-                     math_dtype, new_seed, row_groups, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
+                     elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
+                     reduction_grid, row_groups, skip_launch, to_math)
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 RELU = ACTIVATION_CODES["relu"]
@@ -57,16 +58,20 @@ def activation_grad(z, ACT: tl.constexpr):
 
 
 @triton.autotune(configs=elementwise_configs(),
-                 key=["C", "M_BUCKET", "ACT", "DROPOUT", "FP64"])
+                 key=["C", "M_BUCKET", "ACT", "DROPOUT", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
 def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale, scale_lo,
                   ACT: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = tl.program_id(1) * BLOCK_C
+    # 1-D grid over (row tile, column block), as residual.py's kernels
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
     inside = (rows[:, None] < M) & (cols[None, :] < C)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     z = to_math(tl.load(h_ptr + offs, mask=inside, other=0.0), FP64)
     z += to_math(tl.load(bias_ptr + cols, mask=cols < C, other=0.0), FP64)[None, :]
     y = dropout(activation(z, ACT), seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT,
@@ -75,21 +80,24 @@ def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold,
 
 
 @triton.autotune(configs=elementwise_configs(),
-                 key=["C", "M_BUCKET", "ACT", "ADD_BIAS", "DROPOUT", "STORE_GRAD", "FP64"])
+                 key=["C", "M_BUCKET", "ACT", "ADD_BIAS", "DROPOUT", "STORE_GRAD", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
 def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_BUCKET,
-                  group_rows, threshold, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
-                  DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr, FP64: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    group = tl.program_id(0)
-    col0 = tl.program_id(1) * BLOCK_C
+                  group_rows, threshold, scale, scale_lo, ACT: tl.constexpr,
+                  ADD_BIAS: tl.constexpr, DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr,
+                  FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    group = (pid // col_blocks).to(tl.int64)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
     first = group * group_rows
     acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
     for start in range(0, group_rows, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        offs = rows[:, None] * C + cols[None, :]
         dz = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
         dz = dropout(dz, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         if ACT != 0:
@@ -116,8 +124,7 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     partial = torch.zeros((groups, C), dtype=sum_dtype, device=grad.device)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
     if grad.numel() and not skip_launch(grad):
-        grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
-        launch(_bias_act_bwd, grid, grad.device,
+        launch(_bias_act_bwd, reduction_grid(groups, C), grad.device,
                grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
                bucket(M), triton.cdiv(M, groups), *dropout_args(p), ACT=act,
                ADD_BIAS=int(bias is not None), DROPOUT=int(seed is not None),
@@ -133,8 +140,7 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
     if out.numel() == 0 or skip_launch(h):
         return out
     M = out.numel() // C
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    launch(_bias_act_fwd, grid, h.device,
+    launch(_bias_act_fwd, elementwise_grid(M, C), h.device,
            h.contiguous(), bias, seed, out, M, C, bucket(M), *dropout_args(p), ACT=act,
            DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
     return out

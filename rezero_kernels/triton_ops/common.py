@@ -1,5 +1,5 @@
 """Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs,
-autotuning keys, the launch (device guard), op registration.
+grids, autotuning keys, the launch (device guard), op registration.
 
 Dropout.  An op with ``p > 0`` draws one int64 seed with ``torch.randint`` on the data's device
 (so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw) and passes the
@@ -39,13 +39,16 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+# --- block configs -------------------------------------------------------------------------
+
 def elementwise_configs():
-    """(BLOCK_M rows x BLOCK_C channels) tiles for the elementwise kernels (BLOCK_C a multiple
-    of 4: see the dropout rule).  The interpreter pays per program, not per element, so it gets
-    one large tile."""
+    """(BLOCK_M rows x BLOCK_C channels) tiles for the elementwise kernels, from wide rows to a
+    few channels (BLOCK_C a multiple of 4: see the dropout rule).  The interpreter pays per
+    program, not per element, so it gets one large tile."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 256}, num_warps=4)]
-    shapes = ((1, 1024, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (4, 1024, 8), (32, 32, 4))
+    shapes = ((1, 1024, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (4, 1024, 8), (32, 32, 4),
+              (256, 4, 4))
     return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w) for m, c, w in shapes]
 
 
@@ -63,13 +66,63 @@ def bucket(n: int) -> int:
     return triton.next_power_of_2(max(int(n), 1))
 
 
+# --- grids ---------------------------------------------------------------------------------
+#
+# CUDA allows 2^31 - 1 programs on grid axis 0 but only 65535 on axes 1 and 2, so every kernel
+# runs a 1-D grid and splits the program id itself: a (rows, C) tensor of 2^31 elements in
+# 32 x 32 tiles still needs only 2^21 programs.
+
+MAX_PROGRAMS = 2**31 - 1
+
+
+def elementwise_grid(M: int, C: int):
+    """One program per (BLOCK_M x BLOCK_C) tile."""
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+
+
+def elementwise_prune(configs, named_args, **kwargs):
+    """``early_config_prune`` of the elementwise kernels: tiles that would need more than
+    MAX_PROGRAMS programs for the largest row count of the tuning bucket (a 1-row tensor of
+    2^36 elements in 32 x 32 tiles) are left out; the 1 x 1024 or 256 x 4 tile fits every
+    tensor up to 2^38 elements."""
+    rows, C = named_args["M_BUCKET"], named_args["C"]
+    reduction = "group_rows" in named_args
+
+    def programs(config):
+        kw = config.kwargs
+        row_blocks = row_groups(rows) if reduction else triton.cdiv(rows, kw["BLOCK_M"])
+        return row_blocks * triton.cdiv(C, kw["BLOCK_C"])
+
+    return [c for c in configs if programs(c) <= MAX_PROGRAMS]
+
+
+# Column reductions (grad of alpha / bias) split the rows into groups: a program walks its
+# group's rows for one block of columns and writes one fp32 (fp64) partial row, which torch sums
+# in a fixed order (deterministic, no atomics).  Groups of ROWS_PER_GROUP rows keep the partials
+# at 1/32 of the data while giving a GPU enough programs: 4096 x 2048 makes 128 groups, so 256
+# (BLOCK_C 1024) to 8192 (BLOCK_C 32) programs for 132 SMs.
+ROWS_PER_GROUP = 32
+MAX_GROUPS = 1024
+
+
 def row_groups(rows: int) -> int:
-    """How many programs split the rows of a column reduction (each writes one fp32 partial
-    row; the partials are then summed in a fixed order: deterministic, no atomics)."""
+    """How many groups split the rows of a column reduction (independent of the tile config, so
+    that the partial buffer can be allocated before the autotuner picks one)."""
     if interpreting():
         return max(1, min(triton.cdiv(rows, 16), 2))
-    return max(1, min(triton.cdiv(rows, 64), 256))
+    return max(1, min(triton.cdiv(rows, ROWS_PER_GROUP), MAX_GROUPS))
 
+
+def reduction_grid(groups: int, C: int):
+    """One program per (row group, BLOCK_C columns)."""
+    return lambda meta: (groups * triton.cdiv(C, meta["BLOCK_C"]),)
+
+
+def gemm_grid(M: int, N: int):
+    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+
+
+# --- dropout arguments -----------------------------------------------------------------------
 
 def new_seed(p: float, device: torch.device):
     """The dropout seed of one op call: None when there is no dropout."""

@@ -27,8 +27,8 @@ import triton
 import triton.language as tl
 
 from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
-from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, interpreting,
-                     launch, math_dtype, new_seed, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
+                     interpreting, launch, math_dtype, new_seed, skip_launch, to_math)
 
 
 @triton.autotune(configs=gemm_configs(),
@@ -107,13 +107,13 @@ def _gemm(a, b, out, bias=None, x=None, alpha=None, seed=None, pre=None, act=0, 
     dot = {torch.float64: 2, torch.float32: 1}.get(a.dtype, 0)
     if dot == 0 and a.dtype == torch.bfloat16 and interpreting():
         dot = 3
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    launch(_linear_kernel, grid, out.device,
+    launch(_linear_kernel, gemm_grid(M, N), out.device,
            a, b, bias, x, alpha, seed, out, pre, M, N, K, bucket(M), bucket(K), a.stride(0),
            a.stride(1), b.stride(0), b.stride(1), x.stride(0) if x is not None else 0,
-           x.stride(1) if x is not None else 0, *dropout_args(p), DOT=dot, HAS_BIAS=int(bias is not None),
-           STORE_PRE=int(pre is not None), ACT=act, DROPOUT=int(seed is not None),
-           RESIDUAL=int(x is not None), PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
+           x.stride(1) if x is not None else 0, *dropout_args(p), DOT=dot,
+           HAS_BIAS=int(bias is not None), STORE_PRE=int(pre is not None), ACT=act,
+           DROPOUT=int(seed is not None), RESIDUAL=int(x is not None),
+           PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
            FP64=int(out.dtype == torch.float64))
 
 

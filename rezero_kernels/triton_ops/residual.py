@@ -5,6 +5,11 @@ Backward: ``dx = dy`` (grad_output itself), ``dfx = alpha * mask * dy / (1-p)`` 
 splits the rows into ``row_groups`` groups; each program walks its group's rows for one block
 of channels and writes an fp32 partial sum per channel; the partials (groups x C) are then summed
 by ``torch.sum`` in a fixed order, so dalpha is deterministic and needs no atomics.
+
+Both kernels run a 1-D grid (common.elementwise_grid, common.reduction_grid): program ``pid``
+takes column block ``pid % col_blocks`` of row tile (group) ``pid // col_blocks``, so
+neighbouring programs read neighbouring columns of the same rows.  Row and column indices are
+64-bit where they could pass 2^31 (a flattened 1-D tensor is one row of ``numel`` columns).
 """
 from typing import Optional
 
@@ -12,8 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs, launch,
-                     math_dtype, new_seed, row_groups, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
+                     elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
+                     reduction_grid, row_groups, skip_launch, to_math)
 
 
 @triton.jit
@@ -26,16 +32,19 @@ def _load_alpha(alpha_ptr, cols, C, PER_CHANNEL: tl.constexpr, FP64: tl.constexp
 
 
 @triton.autotune(configs=elementwise_configs(),
-                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"])
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
 def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale,
                   scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = tl.program_id(1) * BLOCK_C
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
     inside = (rows[:, None] < M) & (cols[None, :] < C)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     x = to_math(tl.load(x_ptr + offs, mask=inside, other=0.0), FP64)
     fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
     fx = dropout(fx, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
@@ -44,14 +53,17 @@ def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, t
 
 
 @triton.autotune(configs=elementwise_configs(),
-                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"])
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
 def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, M_BUCKET,
                   group_rows, threshold, scale, scale_lo, PER_CHANNEL: tl.constexpr,
                   DROPOUT: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr,
                   BLOCK_C: tl.constexpr):
-    group = tl.program_id(0)
-    col0 = tl.program_id(1) * BLOCK_C
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    group = (pid // col_blocks).to(tl.int64)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
     a = _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64)
     first = group * group_rows
@@ -59,7 +71,7 @@ def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, 
     for start in range(0, group_rows, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        offs = rows[:, None] * C + cols[None, :]
         dy = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
         dy = dropout(dy, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         tl.store(dfx_ptr + offs, (a * dy).to(dfx_ptr.dtype.element_ty), mask=inside)
@@ -76,8 +88,7 @@ def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
     if out.numel() == 0 or skip_launch(x):
         return out
     M = out.numel() // C
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    launch(_residual_fwd, grid, x.device,
+    launch(_residual_fwd, elementwise_grid(M, C), x.device,
            x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, bucket(M), *dropout_args(p),
            PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
            FP64=int(x.dtype == torch.float64))
@@ -94,11 +105,9 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
     grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
     partial = torch.zeros((groups, C), dtype=math_dtype(fx.dtype), device=fx.device)
     if fx.numel() and not skip_launch(fx):
-        group_rows = triton.cdiv(M, groups)
-        grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
-        launch(_residual_bwd, grid, fx.device,
-               grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C,
-               bucket(M), group_rows, *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
+        launch(_residual_bwd, reduction_grid(groups, C), fx.device,
+               grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, bucket(M),
+               triton.cdiv(M, groups), *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
                DROPOUT=int(seed is not None), FP64=int(fx.dtype == torch.float64))
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
     return grad_fx, grad_alpha.to(alpha.dtype)
