@@ -2,7 +2,9 @@
 
 Pure Python (the ops run in Triton's interpreter, their launches observed, not run): every
 launch runs under a guard for its tensors' device; autotuning keys on shape classes; launch
-grids stay within CUDA's limits for any size and give a GPU enough programs.
+grids stay within CUDA's limits for any size and give a GPU enough programs; the GEMM's configs
+are pruned, before any is compiled, to those of its dtype and operand alignment that fit the
+device.
 """
 from __future__ import annotations
 
@@ -17,10 +19,11 @@ import torch  # noqa: E402
 triton = pytest.importorskip("triton")
 
 from rezero_kernels import triton_ops as T  # noqa: E402
-from rezero_kernels.triton_ops import common, tuning  # noqa: E402
+from rezero_kernels.triton_ops import common, fused_linear, tuning  # noqa: E402
 
 KERNELS = {"_residual_fwd", "_residual_bwd", "_bias_act_fwd", "_bias_act_bwd", "_linear_kernel"}
 GEMM = "_linear_kernel"
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # A100, H100: shared memory per block (opt-in)
 
 
 def _gpu_configs(make):
@@ -141,11 +144,12 @@ SIZES = [(1, 1), (1, 2**21 + 7), (1, 2**35), (2**35, 1), (3, 2**33), (2**17, 2**
 
 def _grid_sizes(launches):
     """(kernel name, config, grid) of each launch for every GPU config its kernel's prune
-    keeps."""
+    keeps (the GEMM's for an H100)."""
     configs = {"gemm": _gpu_configs(common.gemm_configs),
                "elementwise": _gpu_configs(common.elementwise_configs)}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
+        mp.setattr(common, "shared_limit", lambda device: SHARED_LIMIT[90])
         for kernel, grid, device, args, kwargs in launches:
             name = kernel.fn.__name__
             kept = configs["gemm" if name == GEMM else "elementwise"]
@@ -180,3 +184,35 @@ def test_column_reductions_give_a_gpu_enough_programs():
     for name, config, grid in reductions:
         assert grid[0] >= 256, (name, config.kwargs, grid)
     assert common.row_groups(4096) <= common.MAX_GROUPS
+
+
+# --- GEMM configs ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("aligned", [True, False])
+@pytest.mark.parametrize("arch", sorted(SHARED_LIMIT))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64],
+                         ids=str)
+def test_every_gemm_dtype_keeps_a_config(dtype, arch, aligned):
+    configs = common.select_gemm_configs(_gpu_configs(common.gemm_configs), dtype, aligned,
+                                         SHARED_LIMIT[arch])
+    assert configs, f"no GEMM config for {dtype} (aligned: {aligned}) fits sm_{arch}"
+
+
+def test_gemm_prune_is_wired_into_the_autotuner(monkeypatch):
+    """The GEMM's autotuner prunes with gemm_prune, which keeps the tiles of a launch's dtype
+    and operand alignment that fit its device (the device's limit is patched)."""
+    kernel = fused_linear._linear_kernel
+    assert kernel.early_config_prune is common.gemm_prune
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(common, "shared_limit", lambda device: SHARED_LIMIT[80])
+    configs = _gpu_configs(common.gemm_configs)
+    for dtype in (torch.float32, torch.bfloat16, torch.float64):
+        for k, aligned in ((64, True), (33, False)):
+            a, b = torch.empty(8, k, dtype=dtype), torch.empty(16, k, dtype=dtype)
+            kept = common.gemm_prune(configs, {"a_ptr": a, "b_ptr": b})
+            assert common.gemm_operands_aligned(a, b) == aligned
+            assert kept and kept == common.select_gemm_configs(configs, dtype, aligned,
+                                                               SHARED_LIMIT[80])
+    a = torch.empty(8, 65)[:, 1:]  # 64 columns, but starting 4 bytes into the storage
+    assert not common.gemm_operands_aligned(a, torch.empty(16, 64))
+    assert common.gemm_operands_aligned(torch.empty(64, 32).t(), torch.empty(16, 64))

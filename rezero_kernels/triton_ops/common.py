@@ -1,5 +1,5 @@
-"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs,
-grids, autotuning keys, the launch (device guard), op registration.
+"""Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs and
+their pruning, autotuning keys, the launch (device guard), op registration.
 
 Dropout.  An op with ``p > 0`` draws one int64 seed with ``torch.randint`` on the data's device
 (so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw) and passes the
@@ -52,13 +52,108 @@ def elementwise_configs():
     return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w) for m, c, w in shapes]
 
 
+# GEMM tiles (BLOCK_M, BLOCK_N, BLOCK_K, num_stages, num_warps) by operand dtype and by
+# whether Triton can load the operands in 16-byte vectors (``gemm_operands_aligned``), largest
+# first.  The accumulator lives in registers (BLOCK_M * BLOCK_N fp32, or fp64, values over
+# 32 * num_warps threads) beside the operand fragments and the epilogue (gelu_tanh with dropout
+# and the stored pre-activation needs the most).  Unaligned operands (an odd in_features, a
+# sliced view) are loaded element by element, each with its own 64-bit address and held in
+# registers through the pipeline, so only small tiles fit there.  Listed are only tiles whose
+# every variant compiles without spilling for sm_80 and sm_90 with Triton 3.6 and 3.9
+# (tests/test_gpu_compile.py); left out for spilling, among others: 128x256x64 (16-bit, up to
+# 1.2 KiB), 128x64 (16-bit and fp32), 128x128 fp32, 64x64x32 fp64, and every tile above
+# 64x64 for unaligned operands (up to 3 KiB).  Shared memory is checked per device at launch.
+GEMM_TILES = {
+    ("16-bit", True): ((128, 128, 32, 4, 8), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
+                       (64, 32, 32, 5, 2), (32, 64, 64, 4, 4)),
+    ("16-bit", False): ((64, 64, 32, 4, 4), (32, 64, 64, 4, 4)),
+    ("fp32", True): ((64, 128, 32, 4, 8), (64, 64, 32, 4, 4), (32, 64, 32, 5, 2)),
+    ("fp32", False): ((64, 64, 32, 4, 4),),
+    ("fp64", True): ((64, 64, 16, 4, 4), (32, 64, 32, 4, 4), (32, 32, 32, 4, 2)),
+    ("fp64", False): ((32, 64, 32, 4, 4), (32, 32, 32, 4, 2)),
+}
+
+
+def gemm_tile_class(dtype: torch.dtype) -> str:
+    return {torch.float64: "fp64", torch.float32: "fp32"}.get(dtype, "16-bit")
+
+
+def _vector_aligned(t: torch.Tensor) -> bool:
+    """A 2-D operand Triton loads in 16-byte vectors along its unit-stride dimension: that
+    dimension's extent and the other stride are multiples of 16 elements and it starts 16-byte
+    aligned (as Triton's runtime specialises arguments; storage offset, not data_ptr, so that
+    fake tensors answer too)."""
+    (rows, cols), (row_stride, col_stride) = t.shape, t.stride()
+    if col_stride == 1:
+        extent, other = cols, row_stride
+    elif row_stride == 1:
+        extent, other = rows, col_stride
+    else:
+        return False
+    start = t.storage_offset() * t.element_size()
+    return extent % 16 == 0 and other % 16 == 0 and start % 16 == 0
+
+
+def gemm_operands_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return _vector_aligned(a) and _vector_aligned(b)
+
+
+def _gemm_config(m, n, k, stages, warps):
+    return triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
+                         num_stages=stages, num_warps=warps)
+
+
 def gemm_configs():
+    """Every tile of GEMM_TILES once; gemm_prune picks a launch's share of them."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8})]
-    shapes = ((128, 128, 32, 4, 8), (128, 64, 32, 4, 4), (64, 128, 32, 4, 4), (64, 64, 32, 4, 4),
-              (128, 256, 64, 3, 8), (64, 32, 32, 5, 2), (32, 64, 64, 4, 4))
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8},
-                          num_stages=s, num_warps=w) for m, n, k, s, w in shapes]
+    tiles = dict.fromkeys(t for group in GEMM_TILES.values() for t in group)
+    return [_gemm_config(*t) for t in tiles]
+
+
+def _config_tile(config):
+    kw = config.kwargs
+    return kw["BLOCK_M"], kw["BLOCK_N"], kw["BLOCK_K"], config.num_stages, config.num_warps
+
+
+def gemm_shared_bytes(tile, element_size: int) -> int:
+    """Shared memory the software pipeline of a tile needs: num_stages buffers of an A and a B
+    tile (an upper bound of what Triton allocates; checked by tests/test_gpu_compile.py)."""
+    m, n, k, stages, _ = tile
+    return stages * (m + n) * k * element_size
+
+
+def select_gemm_configs(configs, dtype: torch.dtype, aligned: bool, shared_limit: int):
+    """The configs a GEMM on ``dtype`` operands (vector-``aligned`` or not) may launch on a
+    device with ``shared_limit`` bytes of shared memory per block: its tiles in GEMM_TILES
+    (none that spill) that fit, in that order.  Never empty for an A100 (163 KiB) or H100
+    (227 KiB); tests/test_gpu_compile.py checks both."""
+    order = {tile: i for i, tile in enumerate(GEMM_TILES[gemm_tile_class(dtype), aligned])}
+    size = torch.empty((), dtype=dtype).element_size()
+    kept = [c for c in configs if _config_tile(c) in order
+            and gemm_shared_bytes(_config_tile(c), size) <= shared_limit]
+    return sorted(kept, key=lambda c: order[_config_tile(c)])
+
+
+_SHARED_LIMIT = {}
+
+
+def shared_limit(device: torch.device) -> int:
+    """Shared memory per block (opt-in) of a CUDA device, in bytes."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SHARED_LIMIT:
+        props = triton.runtime.driver.active.utils.get_device_properties(index)
+        _SHARED_LIMIT[index] = props["max_shared_mem"]
+    return _SHARED_LIMIT[index]
+
+
+def gemm_prune(configs, named_args, **kwargs):
+    """``early_config_prune`` of the GEMM: runs before any config is compiled or launched."""
+    if interpreting():
+        return configs
+    a, b = named_args["a_ptr"], named_args["b_ptr"]
+    return select_gemm_configs(configs, a.dtype, gemm_operands_aligned(a, b),
+                               shared_limit(a.device))
 
 
 def bucket(n: int) -> int:

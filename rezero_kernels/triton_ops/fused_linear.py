@@ -28,12 +28,13 @@ import triton.language as tl
 
 from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
 from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
-                     interpreting, launch, math_dtype, new_seed, skip_launch, to_math)
+                     gemm_prune, interpreting, launch, math_dtype, new_seed, skip_launch, to_math)
 
 
 @triton.autotune(configs=gemm_configs(),
                  key=["N", "M_BUCKET", "K_BUCKET", "DOT", "HAS_BIAS", "STORE_PRE", "ACT",
-                      "DROPOUT", "RESIDUAL", "PER_CHANNEL", "FP64"])
+                      "DROPOUT", "RESIDUAL", "PER_CHANNEL", "FP64"],
+                 prune_configs_by={"early_config_prune": gemm_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET", "K_BUCKET"])
 def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, pre_ptr,
                    M, N, K, M_BUCKET, K_BUCKET, stride_am, stride_ak, stride_bn, stride_bk,
