@@ -146,13 +146,16 @@ def _grid_sizes(launches):
     """(kernel name, config, grid) of each launch for every GPU config its kernel's prune
     keeps (the GEMM's for an H100)."""
     configs = {"gemm": _gpu_configs(common.gemm_configs),
-               "elementwise": _gpu_configs(common.elementwise_configs)}
+               "forward": _gpu_configs(common.elementwise_configs),
+               "reduction": _gpu_configs(lambda: common.elementwise_configs(reduction=True))}
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
         mp.setattr(common, "shared_limit", lambda device: SHARED_LIMIT[90])
         for kernel, grid, device, args, kwargs in launches:
             name = kernel.fn.__name__
-            kept = configs["gemm" if name == GEMM else "elementwise"]
+            kind = ("gemm" if name == GEMM else
+                    "reduction" if "group_rows" in kernel.arg_names else "forward")
+            kept = configs[kind]
             if kernel.early_config_prune is not None:
                 kept = kernel.early_config_prune(kept, dict(zip(kernel.arg_names, args)),
                                                  **kwargs)

@@ -41,14 +41,20 @@ def interpreting() -> bool:
 
 # --- block configs -------------------------------------------------------------------------
 
-def elementwise_configs():
+def elementwise_configs(reduction: bool = False):
     """(BLOCK_M rows x BLOCK_C channels) tiles for the elementwise kernels, from wide rows to a
-    few channels (BLOCK_C a multiple of 4: see the dropout rule).  The interpreter pays per
-    program, not per element, so it gets one large tile."""
+    few channels (BLOCK_C a multiple of 4: see the dropout rule).  The column reductions
+    (backward) also hold their accumulators and, for gelu, its derivative: they spread the same
+    tiles over 8 warps (4 elements a thread instead of 8), which keeps them within registers in
+    float64 and below the 64-register mark in float32 (tests/test_gpu_compile.py).  The
+    interpreter pays per program, not per element, so it gets one large tile."""
     if interpreting():
         return [triton.Config({"BLOCK_M": 32, "BLOCK_C": 256}, num_warps=4)]
-    shapes = ((1, 1024, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (4, 1024, 8), (32, 32, 4),
-              (256, 4, 4))
+    if reduction:
+        shapes = ((1, 1024, 8), (4, 256, 8), (8, 128, 8), (16, 64, 8), (32, 32, 8), (256, 4, 8))
+    else:
+        shapes = ((1, 1024, 4), (4, 256, 4), (8, 128, 4), (16, 64, 4), (4, 1024, 8),
+                  (32, 32, 4), (256, 4, 4))
     return [triton.Config({"BLOCK_M": m, "BLOCK_C": c}, num_warps=w) for m, c, w in shapes]
 
 

@@ -52,7 +52,7 @@ def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, t
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=elementwise_configs(),
+@triton.autotune(configs=elementwise_configs(reduction=True),
                  key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"],
                  prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
