@@ -5,11 +5,28 @@ launch runs under a guard for its tensors' device; autotuning keys on shape clas
 grids stay within CUDA's limits for any size and give a GPU enough programs; the GEMM's configs
 are pruned, before any is compiled, to those of its dtype and operand alignment that fit the
 device.
+
+Ahead-of-time compiles (tests/aot_compile.py): every kernel variant the ops can launch compiles
+for sm_80 and sm_90, with the installed Triton and with Triton 3.6 (what the GPU machines run;
+fetched once into ``CACHE``, never installed), and
+  * no elementwise kernel spills or uses local memory;
+  * every GEMM config the prune lets launch fits the target's shared memory (A100 163 KiB,
+    H100 227 KiB) without spilling, and the prune's shared-memory estimate bounds what Triton
+    allocates; every GEMM dtype keeps at least one config on both.
+Compiled results are cached in ``CACHE/aot`` (outside the checkout, so a CI machine keeps them
+between clones) by a hash of each kernel's source, the Triton version and the variant.
+``REZERO_KERNELS_CACHE`` moves the cache.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
@@ -219,3 +236,104 @@ def test_gemm_prune_is_wired_into_the_autotuner(monkeypatch):
     a = torch.empty(8, 65)[:, 1:]  # 64 columns, but starting 4 bytes into the storage
     assert not common.gemm_operands_aligned(a, torch.empty(16, 64))
     assert common.gemm_operands_aligned(torch.empty(64, 32).t(), torch.empty(16, 64))
+
+
+# --- ahead-of-time compiles --------------------------------------------------------------------
+
+TESTS = Path(__file__).resolve().parent
+CACHE = Path(os.environ.get("REZERO_KERNELS_CACHE", Path.home() / ".cache" / "rezero_kernels"))
+GPU_MACHINE_TRITON = "3.6.0"
+
+
+def _fetch_triton(version: str) -> Path:
+    """A folder holding ``triton`` ``version`` unpacked (for PYTHONPATH), fetched once."""
+    tag = f"cp{sys.version_info.major}{sys.version_info.minor}"
+    target = CACHE / f"triton-{version}-{tag}"
+    if (target / "triton" / "__init__.py").is_file():
+        return target
+    wheels = CACHE / "wheels"
+    pattern = f"triton-{version}-{tag}-*.whl"
+    if not list(wheels.glob(pattern)):
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps",
+                               "--only-binary=:all:", f"triton=={version}", "-d", str(wheels)],
+                              capture_output=True, text=True, timeout=900)
+        if proc.returncode != 0 or not list(wheels.glob(pattern)):
+            pytest.fail(f"could not fetch triton=={version} (the GPU machines' Triton) with "
+                        f"`pip download`; this check compiles with it. Put its {tag} wheel in "
+                        f"{wheels} by hand or allow access to PyPI.\n{proc.stderr[-3000:]}")
+    wheel = sorted(wheels.glob(pattern))[-1]
+    partial = Path(tempfile.mkdtemp(dir=CACHE, prefix=".unpack-"))
+    with zipfile.ZipFile(wheel) as z:
+        z.extractall(partial)
+    for tool in (partial / "triton" / "backends" / "nvidia" / "bin").iterdir():
+        tool.chmod(0o755)  # zip extraction drops the executable bits of ptxas & co.
+    partial.rename(target)
+    return target
+
+
+def _versions() -> list:
+    """The installed Triton's version and the GPU machines' (once if they are the same)."""
+    return list(dict.fromkeys([triton.__version__, GPU_MACHINE_TRITON]))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    """{Triton version: aot_compile.py's report}."""
+    CACHE.mkdir(parents=True, exist_ok=True)
+    reports = {}
+    for version in _versions():
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+            env["TRITON_CACHE_DIR"] = str(Path(tmp) / "triton-cache")
+            if version != triton.__version__:
+                env["PYTHONPATH"] = os.pathsep.join([str(_fetch_triton(version))] + [
+                    p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+            out = Path(tmp) / "results.json"
+            proc = subprocess.run([sys.executable, str(TESTS / "aot_compile.py"), str(out),
+                                   "--cache", str(CACHE / "aot")],
+                                  env=env, capture_output=True, text=True, timeout=3600)
+            assert proc.returncode == 0, (f"aot_compile.py failed with triton {version}:\n"
+                                          f"{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+            report = json.loads(out.read_text())
+            assert report["triton"] == version, f"PYTHONPATH did not provide triton {version}"
+            reports[version] = report
+    return reports
+
+
+def _fmt(r) -> str:
+    return f"{r['kernel']} sm_{r['arch']} [{r['variant']}] {r['config']}"
+
+
+@pytest.mark.parametrize("version", _versions())
+def test_every_variant_compiles(compiled, version):
+    results = compiled[version]["results"]
+    assert {r["kernel"] for r in results} == KERNELS
+    assert {r["arch"] for r in results} == set(SHARED_LIMIT)
+    failed = [r for r in results if not r["ok"]]
+    assert not failed, f"{len(failed)} of {len(results)} variants do not compile:\n" + "\n".join(
+        f"{_fmt(r)}\n    {r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
+        for r in failed[:20])
+
+
+@pytest.mark.parametrize("version", _versions())
+def test_elementwise_kernels_do_not_spill(compiled, version):
+    bad = [r for r in compiled[version]["results"]
+           if r["ok"] and r["kernel"] != GEMM and (r["stack"] or r["local"])]
+    assert not bad, "elementwise kernels with spills or local memory:\n" + "\n".join(
+        f"{_fmt(r)}: stack {r['stack']} B, local {r['local']} B, {r['regs']} registers"
+        for r in bad[:20])
+
+
+@pytest.mark.parametrize("version", _versions())
+def test_launchable_gemm_configs_fit_without_spilling(compiled, version):
+    """Every config the prune lets launch (the report holds only those) fits and does not
+    spill; the prune's estimate bounds the shared memory Triton asks for."""
+    bad = []
+    for r in compiled[version]["results"]:
+        if not r["ok"] or r["kernel"] != GEMM:
+            continue
+        estimate = common.gemm_shared_bytes(tuple(r["tile"]), r["element_size"])
+        if r["stack"] or r["local"] or r["shared"] > min(SHARED_LIMIT[r["arch"]], estimate):
+            bad.append(f"{_fmt(r)}: stack {r['stack']} B, local {r['local']} B, shared "
+                       f"{r['shared']} B (estimate {estimate}), {r['regs']} registers")
+    assert not bad, "GEMM configs that can launch but spill or do not fit:\n" + "\n".join(bad[:30])
