@@ -94,7 +94,9 @@ def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_B
     col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
     cols = col0 + tl.arange(0, BLOCK_C)
     first = group * group_rows
-    acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    # a (BLOCK_M, BLOCK_C) accumulator summed over rows once, after the loop: a sum per
+    # iteration would cross warps through shared memory, with a barrier, every BLOCK_M rows
+    acc = to_math(tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32), FP64)
     for start in range(0, group_rows, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
@@ -108,8 +110,8 @@ def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_B
             dz = tl.where(inside, dz * activation_grad(z, ACT), 0.0)
         if STORE_GRAD:
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=inside)
-        acc += tl.sum(dz, axis=0)
-    tl.store(part_ptr + group * C + cols, acc, mask=cols < C)
+        acc += dz
+    tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
 def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[torch.Tensor],

@@ -67,7 +67,9 @@ def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, 
     cols = col0 + tl.arange(0, BLOCK_C)
     a = _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64)
     first = group * group_rows
-    acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    # a (BLOCK_M, BLOCK_C) accumulator summed over rows once, after the loop: a sum per
+    # iteration would cross warps through shared memory, with a barrier, every BLOCK_M rows
+    acc = to_math(tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32), FP64)
     for start in range(0, group_rows, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
@@ -76,8 +78,8 @@ def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, 
         dy = dropout(dy, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         tl.store(dfx_ptr + offs, (a * dy).to(dfx_ptr.dtype.element_ty), mask=inside)
         fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
-        acc += tl.sum(dy * fx, axis=0)
-    tl.store(part_ptr + group * C + cols, acc, mask=cols < C)
+        acc += dy * fx
+    tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
 @define_op("residual")
