@@ -163,8 +163,12 @@ def gemm_prune(configs, named_args, **kwargs):
 
 
 def bucket(n: int) -> int:
-    """The power of two >= n that autotuning keys a row count by."""
-    return triton.next_power_of_2(max(int(n), 1))
+    """The power of two >= n that autotuning keys a row count by.  A symbolic size (a
+    torch.compile trace with dynamic shapes) passes through: rounding it would specialise the
+    graph on it, and Inductor tunes the kernels it compiles itself."""
+    if not isinstance(n, int):
+        return n
+    return triton.next_power_of_2(max(n, 1))
 
 
 # --- grids ---------------------------------------------------------------------------------
