@@ -440,3 +440,21 @@ def test_mask_follows_the_documented_rule():
     words = philox4x32_10(counters, int(seed))[np.arange(rows * cols), (c % 4).astype(np.int64)]
     expected = words < min(2**32 - 1, int((1 - p) * 2**32))
     assert torch.equal(out != 0, torch.from_numpy(expected).reshape(rows, cols))
+
+
+def test_one_dimensional_tensor_is_one_row_of_column_blocks():
+    """A flattened 1-D tensor is one row of numel columns, which the 1-D grid splits into column
+    blocks only (on a GPU a 1-D tensor of more than 2^21 elements used to exceed grid axis 1;
+    tests/test_gpu_compile.py checks the grid limits for every size), here with a per-channel
+    gate and dropout, forward and backward."""
+    torch.manual_seed(0)
+    n, p = 5_003, 0.3
+    inputs = [torch.randn(n, dtype=torch.float64) for _ in range(3)]
+    ref = reference("rezero_residual", mask_for((n,), p))
+
+    def kernel(x, fx, a):
+        torch.manual_seed(SEED)
+        return F.rezero_residual(x, fx, a, p, backend=B)
+
+    assert_parity(kernel, lambda x, fx, a: ref(x, fx, a, p), inputs,
+                  torch.randn(n, dtype=torch.float64), torch.float32)
