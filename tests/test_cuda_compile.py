@@ -1,7 +1,9 @@
 """The CUDA sources build without a GPU: every csrc/cuda/*.cu compiles with ``nvcc -c`` for
-sm_80 and sm_90 (when nvcc is on PATH), the kernels and launchers.h stay free of torch headers,
-and binding.cpp type-checks against torch's headers and launchers.h (when the CUDA runtime
-headers are found).  So a CUDA syntax or type error fails CI on a machine without a GPU."""
+sm_80 and sm_90 (when nvcc is on PATH) and no kernel instantiation spills registers or uses
+local memory (``-Xptxas -v``), the kernels and launchers.h stay free of torch headers, and
+binding.cpp type-checks against torch's headers and launchers.h (when the CUDA runtime headers
+are found).  So a CUDA syntax or type error, or a kernel that outgrows its register budget
+(common.cuh, min_blocks_per_sm), fails CI on a machine without a GPU."""
 from __future__ import annotations
 
 import concurrent.futures
@@ -31,8 +33,8 @@ TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
 
 def _nvcc_command(source: Path, arch: str, out: Path) -> list[str]:
     return [NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
-            *TORCH_NVCC_DEFINES, "-I", str(ROOT / "csrc"), "-Xcompiler", "-fPIC", str(source),
-            "-o", str(out)]
+            *TORCH_NVCC_DEFINES, "-I", str(ROOT / "csrc"), "-Xcompiler", "-fPIC",
+            "-Xptxas", "-v", str(source), "-o", str(out)]
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +65,29 @@ def test_there_are_cuda_sources():
 def test_nvcc_compiles(nvcc_results, source, arch):
     returncode, output = nvcc_results[(source, arch)]
     assert returncode == 0, f"nvcc failed for {source} on sm_{arch}:\n{output[-6000:]}"
+
+
+# ptxas -v, per kernel:  "Function properties for NAME" then
+#   "N bytes stack frame, N bytes spill stores, N bytes spill loads"
+PTXAS_PROPERTIES = re.compile(r"Function properties for (\S+)\s+(\d+) bytes stack frame, "
+                              r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+
+
+@needs_nvcc
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("source", [p.name for p in CU_FILES])
+def test_no_kernel_spills_or_uses_local_memory(nvcc_results, source, arch):
+    """A spill costs local-memory traffic in a memory-bound kernel; each kernel's
+    __launch_bounds__ leaves it enough registers (common.cuh, min_blocks_per_sm)."""
+    returncode, output = nvcc_results[(source, arch)]
+    if returncode != 0:
+        pytest.skip("does not compile (test_nvcc_compiles reports it)")
+    kernels = PTXAS_PROPERTIES.findall(output)
+    assert kernels, f"no ptxas -v report for {source} on sm_{arch}:\n{output[-3000:]}"
+    bad = [f"{name}: {stack} B stack frame, {stores} B spill stores, {loads} B spill loads"
+           for name, stack, stores, loads in kernels if int(stack) or int(stores) or int(loads)]
+    assert not bad, (f"{len(bad)} of {len(kernels)} kernels in {source} spill or use local "
+                     f"memory on sm_{arch}:\n" + "\n".join(bad))
 
 
 TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10)/', re.MULTILINE)

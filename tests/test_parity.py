@@ -245,6 +245,20 @@ def test_many_tiles(target, op, dtype):
                   False)
 
 
+def test_long_one_dimensional_tensor(target):
+    """A 1-D tensor is one row of numel columns, which the Triton grid splits into column blocks
+    only (a 1-D tensor of more than 2^21 elements once exceeded a GPU grid's axis 1;
+    tests/test_gpu_compile.py checks the grid limits for every size): per-channel gate and
+    dropout, forward and backward."""
+    torch.manual_seed(0)
+    n, p = 5_003, 0.3
+    inputs = [randn(target, n), randn(target, n), randn(target, n)]
+    mask, seeded = dropout_setup(target, (n,), p)
+    ref = reference("rezero_residual", mask)
+    assert_parity(seeded(lambda x, fx, a: F.rezero_residual(x, fx, a, p, backend=target.backend)),
+                  lambda x, fx, a: ref(x, fx, a, p), inputs, randn(target, n), torch.float32)
+
+
 @pytest.mark.parametrize("p", [0.0, 0.25])
 @pytest.mark.parametrize("op", OPS)
 def test_gradcheck_float64(target, op, p):

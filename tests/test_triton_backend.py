@@ -91,3 +91,25 @@ def test_compiles_with_fullgraph():
         results.append([out, *torch.autograd.grad(out, args)])
     for got, want in zip(*results):
         torch.testing.assert_close(got, want)
+
+
+def test_mask_follows_the_documented_rule():
+    """triton_ops/common.py: element (r, c) of the (rows, C) output is kept where word c % 4 of
+    Philox4x32-10(key = seed, counter = (lo(c/4), hi(c/4), lo(r), hi(r))) is below
+    min(2^32 - 1, floor((1 - p) 2^32)): one call per 4 columns, all four words used."""
+    from test_dropout import philox4x32_10
+    import numpy as np
+
+    p, rows, cols = 0.3, 9, 70
+    torch.manual_seed(5)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64)
+    out = torch.ops.rezero_kernels_triton.residual(
+        torch.zeros(rows, cols, device=DEV), torch.ones(rows, cols, device=DEV),
+        torch.ones(1, device=DEV), p, seed.to(DEV)).cpu()
+    r, c = (a.ravel().astype(np.uint64) for a in np.meshgrid(np.arange(rows), np.arange(cols),
+                                                              indexing="ij"))
+    group, low = c >> np.uint64(2), np.uint64(0xFFFFFFFF)
+    counters = np.stack([group & low, group >> np.uint64(32), r & low, r >> np.uint64(32)], 1)
+    words = philox4x32_10(counters, int(seed))[np.arange(rows * cols), (c % 4).astype(np.int64)]
+    expected = words < min(2**32 - 1, int((1 - p) * 2**32))
+    assert torch.equal(out != 0, torch.from_numpy(expected).reshape(rows, cols))

@@ -39,6 +39,7 @@ __device__ __forceinline__ M activate(M z) {
 template <Activation kAct>
 struct BiasActForward {
   static constexpr bool kTwoInputs = false;
+  static constexpr int kFloat64Blocks = 2;
   template <bool kDropout, class M>
   static __device__ __forceinline__ M apply(M h, M /*unused*/, M b, M m, M& /*contrib*/) {
     const M y = activate<kAct, false>(h + b);
@@ -50,6 +51,8 @@ struct BiasActForward {
 template <Activation kAct>
 struct BiasActBackward {
   static constexpr bool kTwoInputs = true;
+  // erf and exp in double for four elements at a time need more than 128 registers
+  static constexpr int kFloat64Blocks = kAct == Activation::kGelu ? 1 : 2;
   template <bool kDropout, class M>
   static __device__ __forceinline__ M apply(M g, M h, M b, M m, M& contrib) {
     M t = g * activate<kAct, true>(h + b);

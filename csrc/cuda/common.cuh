@@ -13,15 +13,17 @@
 //
 // A policy is a struct with
 //   static constexpr bool kTwoInputs;      // whether the second data input v is read
+//   static constexpr int kFloat64Blocks;   // blocks per SM it can afford in float64 (registers)
 //   template <bool kDropout, class M>
 //   static __device__ M apply(M u, M v, M c, M m, M& contrib);
 // where u, v are the data inputs at element i, c the channel vector (alpha / bias) at i's column
 // (or its single element), m the dropout scale of element i (1/(1-p) kept, 0 dropped; only
 // meaningful when kDropout); it returns the output at i and sets contrib, i's term of the sum.
 //
-// Determinism: the launch geometry depends only on (n, C, dtype, SM count of the device), every
-// partial is written by one block, and both reduction stages add in a fixed order, so the
-// gradients of alpha / bias are bitwise reproducible on a given device.  No atomics.
+// Determinism: the launch geometry depends only on (n, C, dtype, dropout on or off, SM count of
+// the device), every partial is written by one block, and both reduction stages add in a fixed
+// order, so the gradients of alpha / bias are bitwise reproducible on a given device.  No
+// atomics.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -38,6 +40,20 @@ namespace rezero::cuda {
 
 constexpr int kThreads = 256;        // threads per block, every kernel here
 constexpr int kMinBlocksPerSM = 4;   // __launch_bounds__ guarantee; the grid is one wave of these
+
+// The blocks per SM a kernel's __launch_bounds__ asks for, which caps its registers at
+// 65536 / (kThreads * blocks): 4 blocks leave 64 registers, enough for most instantiations.
+// float64 maths (two registers a value; erf and exp in double) and the column kernel's 16-bit
+// dropout path (8 elements, up to three Philox calls per chunk) spill at 64: float64 gets the
+// policy's kFloat64Blocks (2: 128 registers; gelu's derivative, 1), the 16-bit column dropout
+// path 2.  The launch geometry uses the same number; tests/test_cuda_compile.py fails on any
+// spill.
+template <class T, class Op, bool kDropout, bool kColumns>
+constexpr int min_blocks_per_sm() {
+  if (std::is_same_v<T, double>) return Op::kFloat64Blocks;
+  if (kColumns && kDropout && sizeof(T) == 2) return 2;
+  return kMinBlocksPerSM;
+}
 
 // ---------------------------------------------------------------- types and conversions
 
@@ -200,7 +216,7 @@ sum_partials_kernel(const M* __restrict__ partials, int64_t count, int64_t len,
 // out[i] = Op(u[i], v[i], vec[col(i)] or vec[0], m[i]); with kReduce, partials[blockIdx.x] =
 // this block's sum of contrib.  kVec: out, u, v are 16-byte aligned (full chunks use vectors).
 template <class T, class Op, bool kVec, bool kPerChannel, bool kDropout, bool kReduce>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, Op, kDropout, false>()))
 flat_kernel(T* __restrict__ out, math_t<T>* __restrict__ partials, const T* __restrict__ u,
             const T* __restrict__ v, const math_t<T>* __restrict__ vec, int64_t n, int64_t C,
             DropoutArgs d) {
@@ -259,7 +275,7 @@ flat_kernel(T* __restrict__ out, math_t<T>* __restrict__ partials, const T* __re
 // kVec: C % N == 0 and out, u, v 16-byte aligned (so every chunk is an aligned vector and
 // starts at a multiple of 4 elements).
 template <class T, class Op, bool kVec, bool kDropout>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSM)
+__global__ void __launch_bounds__(kThreads, (min_blocks_per_sm<T, Op, kDropout, true>()))
 column_kernel(T* __restrict__ out, math_t<T>* __restrict__ partials, const T* __restrict__ u,
               const T* __restrict__ v, const math_t<T>* __restrict__ vec, int64_t rows,
               int64_t C, DropoutArgs d) {
@@ -334,10 +350,11 @@ inline int sm_count(int device) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// Blocks of flat_kernel: enough for every chunk, at most one wave.
-inline int flat_blocks(int64_t n, int chunk, int device) {
+// Blocks of flat_kernel: enough for every chunk, at most one wave of `min_blocks` per SM (the
+// kernel's min_blocks_per_sm; the default, the largest, bounds the workspace).
+inline int flat_blocks(int64_t n, int chunk, int device, int min_blocks = kMinBlocksPerSM) {
   const int64_t need = ceil_div(ceil_div(n, chunk), kThreads);
-  const int64_t cap = static_cast<int64_t>(sm_count(device)) * kMinBlocksPerSM;
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * min_blocks;
   return static_cast<int>(need < cap ? need : cap);
 }
 
@@ -347,14 +364,16 @@ struct ColumnPlan {
 };
 
 // column_kernel's geometry for (rows, C): TX a power of two covering C's chunks (up to a warp),
-// as many row-blocks as fill one wave.
-inline ColumnPlan column_plan(int64_t rows, int64_t C, int chunk, int device) {
+// as many row-blocks as fill one wave of `min_blocks` per SM (fewer blocks, fewer partial rows:
+// the default bounds the workspace).
+inline ColumnPlan column_plan(int64_t rows, int64_t C, int chunk, int device,
+                              int min_blocks = kMinBlocksPerSM) {
   const int64_t col_chunks = ceil_div(C, chunk);
   int tx = 1;
   while (tx < 32 && tx < col_chunks) tx *= 2;
   const int ty = kThreads / tx;
   const int64_t gx = ceil_div(col_chunks, tx);
-  const int64_t cap = static_cast<int64_t>(sm_count(device)) * kMinBlocksPerSM;
+  const int64_t cap = static_cast<int64_t>(sm_count(device)) * min_blocks;
   int64_t gy = ceil_div(rows, ty);
   const int64_t fill = cap / gx > 1 ? cap / gx : 1;
   if (gy > fill) gy = fill;
@@ -410,7 +429,9 @@ cudaError_t launch_flat(T* out, const T* u, const T* v, const math_t<T>* vec, in
                         int64_t C, math_t<T>* workspace, math_t<T>* reduce_out,
                         const DropoutParams& dropout, cudaStream_t stream) {
   using M = math_t<T>;
-  const int blocks = flat_blocks(n, kChunk<T>, current_device());
+  const int min_blocks = dropout.p > 0.0 ? min_blocks_per_sm<T, Op, true, false>()
+                                         : min_blocks_per_sm<T, Op, false, false>();
+  const int blocks = flat_blocks(n, kChunk<T>, current_device(), min_blocks);
   const DropoutArgs d = make_dropout_args(dropout);
   const bool vec_ok = aligned16(out) && aligned16(u) && (!Op::kTwoInputs || aligned16(v));
   with_bool(vec_ok, [&](auto kv) {
@@ -433,7 +454,9 @@ cudaError_t launch_columns(T* out, const T* u, const T* v, const math_t<T>* vec,
   using M = math_t<T>;
   constexpr int N = kChunk<T>;
   const int64_t rows = n / C;
-  const ColumnPlan plan = column_plan(rows, C, N, current_device());
+  const int min_blocks = dropout.p > 0.0 ? min_blocks_per_sm<T, Op, true, true>()
+                                         : min_blocks_per_sm<T, Op, false, true>();
+  const ColumnPlan plan = column_plan(rows, C, N, current_device(), min_blocks);
   const DropoutArgs d = make_dropout_args(dropout);
   const bool vec_ok = C % N == 0 && aligned16(out) && aligned16(u) &&
                       (!Op::kTwoInputs || aligned16(v));

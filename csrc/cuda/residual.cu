@@ -10,6 +10,7 @@ namespace {
 // u = x, v = fx, c = alpha:  y = x + (fx * alpha) * m   (the CPU kernel's order of operations)
 struct ResidualForward {
   static constexpr bool kTwoInputs = true;
+  static constexpr int kFloat64Blocks = 2;
   template <bool kDropout, class M>
   static __device__ __forceinline__ M apply(M x, M f, M a, M m, M& /*contrib*/) {
     M t = f * a;
@@ -21,6 +22,7 @@ struct ResidualForward {
 // u = grad, v = fx, c = alpha:  g' = grad * m;  grad_fx = g' * alpha;  contrib = g' * fx
 struct ResidualBackward {
   static constexpr bool kTwoInputs = true;
+  static constexpr int kFloat64Blocks = 2;
   template <bool kDropout, class M>
   static __device__ __forceinline__ M apply(M g, M f, M a, M m, M& contrib) {
     if (kDropout) g *= m;

@@ -5,7 +5,8 @@
     bias_act.py      dropout(act(h + bias))                    (one pass; backward one pass)
     fused_linear.py  x + alpha * dropout(inp @ W.T + b) and dropout(act(inp @ W.T + b)):
                      a GEMM with the epilogue fused into it
-    common.py        dropout generator, block configs, op registration
+    common.py        dropout rule, block configs and their pruning, grids, launch, registration
+    tuning.py        warmup(): autotune for given shapes before CUDA-graph capture
 
 Every op is registered as ``rezero_kernels_triton::<name>`` (a ``torch.library.triton_op`` on
 GPU machines, so ``torch.compile(fullgraph=True)`` traces into the kernels) with its autograd

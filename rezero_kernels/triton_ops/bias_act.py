@@ -15,20 +15,22 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import (define_op, dropout, elementwise_configs, math_dtype, new_seed, row_groups,
-                     scale_args, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
+                     elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
+                     reduction_grid, row_groups, skip_launch, to_math)
 
 ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
 RELU = ACTIVATION_CODES["relu"]
 
 
 @triton.jit
-def _tanh(u):
-    e = tl.exp(-2.0 * tl.abs(u))  # in (0, 1]: no overflow
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -t, t)
+def _tanh_gate(z):
+    """gelu_tanh's 0.5 (1 + tanh(u)), u = sqrt(2/pi) (z + 0.044715 z^3), as the logistic
+    sigmoid(2u) = 1 / (1 + exp(-2u)): one exp and one division, which keeps the GEMM epilogue
+    within its registers (the exponent is capped at 80: no overflow, the gate then < 1e-34)."""
+    return 1.0 / (1.0 + tl.exp(tl.minimum(-1.5957691216057308 * (z + 0.044715 * z * z * z),
+                                          80.0)))
 
 
 @triton.jit
@@ -38,56 +40,69 @@ def activation(z, ACT: tl.constexpr):
     elif ACT == 2:
         z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        z = 0.5 * z * (1.0 + _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z)))
+        z = z * _tanh_gate(z)
     return z
 
 
 @triton.jit
 def activation_grad(z, ACT: tl.constexpr):
-    """d act(z) / dz (for ACT 1..3)."""
+    """d act(z) / dz (for ACT 1..3); gelu_tanh: s + 2 z s (1 - s) u'(z) with s = _tanh_gate."""
     if ACT == 1:
         g = tl.where(z > 0, 1.0, 0.0)
     elif ACT == 2:
         g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) \
             + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
     else:
-        t = _tanh(0.7978845608028654 * (z + 0.044715 * z * z * z))
-        g = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 \
-            * (1.0 + 0.134145 * z * z)
+        s = _tanh_gate(z)
+        g = s + 1.5957691216057308 * z * s * (1.0 - s) * (1.0 + 0.134145 * z * z)
     return g
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
-def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, p, scale, scale_lo,
+@triton.autotune(configs=elementwise_configs(),
+                 key=["C", "M_BUCKET", "ACT", "DROPOUT", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale, scale_lo,
                   ACT: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # 1-D grid over (row tile, column block), as residual.py's kernels
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     inside = (rows[:, None] < M) & (cols[None, :] < C)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     z = to_math(tl.load(h_ptr + offs, mask=inside, other=0.0), FP64)
     z += to_math(tl.load(bias_ptr + cols, mask=cols < C, other=0.0), FP64)[None, :]
-    y = dropout(activation(z, ACT), seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    y = dropout(activation(z, ACT), seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT,
+                FP64, BLOCK_C)
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
-def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, group_rows,
-                  p, scale, scale_lo, ACT: tl.constexpr, ADD_BIAS: tl.constexpr,
-                  DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr, FP64: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    group = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+@triton.autotune(configs=elementwise_configs(reduction=True),
+                 key=["C", "M_BUCKET", "ACT", "ADD_BIAS", "DROPOUT", "STORE_GRAD", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_BUCKET,
+                  group_rows, threshold, scale, scale_lo, ACT: tl.constexpr,
+                  ADD_BIAS: tl.constexpr, DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr,
+                  FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    group = (pid // col_blocks).to(tl.int64)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     first = group * group_rows
-    acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    # a (BLOCK_M, BLOCK_C) accumulator summed over rows once, after the loop: a sum per
+    # iteration would cross warps through shared memory, with a barrier, every BLOCK_M rows
+    acc = to_math(tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32), FP64)
     for start in range(0, group_rows, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        offs = rows[:, None] * C + cols[None, :]
         dz = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
-        dz = dropout(dz, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+        dz = dropout(dz, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         if ACT != 0:
             z = to_math(tl.load(z_ptr + offs, mask=inside, other=0.0), FP64)
             if ADD_BIAS:
@@ -95,8 +110,8 @@ def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, gro
             dz = tl.where(inside, dz * activation_grad(z, ACT), 0.0)
         if STORE_GRAD:
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=inside)
-        acc += tl.sum(dz, axis=0)
-    tl.store(part_ptr + group * C + cols, acc, mask=cols < C)
+        acc += dz
+    tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
 def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[torch.Tensor],
@@ -112,13 +127,11 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     partial = torch.zeros((groups, C), dtype=sum_dtype, device=grad.device)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
     if grad.numel() and not skip_launch(grad):
-        hi, lo = scale_args(p)
-        grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
-        wrap_triton(_bias_act_bwd)[grid](
-            grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
-            triton.cdiv(M, groups), p, hi, lo, ACT=act, ADD_BIAS=int(bias is not None),
-            DROPOUT=int(seed is not None), STORE_GRAD=int(store),
-            FP64=int(sum_dtype == torch.float64))
+        launch(_bias_act_bwd, reduction_grid(groups, C), grad.device,
+               grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
+               bucket(M), triton.cdiv(M, groups), *dropout_args(p), ACT=act,
+               ADD_BIAS=int(bias is not None), DROPOUT=int(seed is not None),
+               STORE_GRAD=int(store), FP64=int(sum_dtype == torch.float64))
     return dz, partial.sum(0)
 
 
@@ -130,11 +143,9 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
     if out.numel() == 0 or skip_launch(h):
         return out
     M = out.numel() // C
-    hi, lo = scale_args(p)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    wrap_triton(_bias_act_fwd)[grid](
-        h.contiguous(), bias, seed, out, M, C, p, hi, lo, ACT=act,
-        DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
+    launch(_bias_act_fwd, elementwise_grid(M, C), h.device,
+           h.contiguous(), bias, seed, out, M, C, bucket(M), *dropout_args(p), ACT=act,
+           DROPOUT=int(seed is not None), FP64=int(h.dtype == torch.float64))
     return out
 
 

@@ -25,22 +25,24 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
-from .common import (define_op, dropout, gemm_configs, interpreting, math_dtype, new_seed,
-                     scale_args, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
+                     gemm_prune, interpreting, launch, math_dtype, new_seed, skip_launch, to_math)
 
 
-@triton.autotune(configs=gemm_configs(), key=["M", "N", "K"])
-@triton.jit
+@triton.autotune(configs=gemm_configs(),
+                 key=["N", "M_BUCKET", "K_BUCKET", "DOT", "HAS_BIAS", "STORE_PRE", "ACT",
+                      "DROPOUT", "RESIDUAL", "PER_CHANNEL", "FP64"],
+                 prune_configs_by={"early_config_prune": gemm_prune})
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET", "K_BUCKET"])
 def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, pre_ptr,
-                   M, N, K, stride_am, stride_ak, stride_bn, stride_bk, stride_xm, stride_xn,
-                   p, scale, scale_lo, DOT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   STORE_PRE: tl.constexpr, ACT: tl.constexpr, DROPOUT: tl.constexpr,
-                   RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr, FP64: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   GROUP_M: tl.constexpr):
+                   M, N, K, M_BUCKET, K_BUCKET, stride_am, stride_ak, stride_bn, stride_bk,
+                   stride_xm, stride_xn, threshold, scale, scale_lo, DOT: tl.constexpr,
+                   HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, ACT: tl.constexpr,
+                   DROPOUT: tl.constexpr, RESIDUAL: tl.constexpr, PER_CHANNEL: tl.constexpr,
+                   FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
     # grouped program order: GROUP_M row-blocks share the column blocks they sweep (L2 reuse)
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
@@ -65,28 +67,34 @@ def _linear_kernel(a_ptr, b_ptr, bias_ptr, x_ptr, alpha_ptr, seed_ptr, out_ptr, 
         b = tl.load(b_ptrs, mask=(rk[:, None] + k0 < K) & (rn[None, :] < N), other=0.0)
         if DOT == 0:  # 16-bit inputs
             acc = tl.dot(a, b, acc)
-        elif DOT == 3:  # bf16 in the interpreter, whose dot mistakes bf16 for integers
-            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-        else:  # fp32 (as eager fp32 matmul: no TF32) and fp64
+        elif DOT == 1:  # fp32, as eager fp32 matmul: no TF32
             acc = tl.dot(a, b, acc, input_precision="ieee")
+        elif DOT == 2:  # fp64 (its accumulator type must be named, or Triton 3.6 rejects it)
+            acc = tl.dot(a, b, acc, input_precision="ieee", out_dtype=tl.float64)
+        else:  # bf16 in the interpreter, whose dot mistakes bf16 for integers
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
         a_ptrs += BLOCK_K * stride_ak
         b_ptrs += BLOCK_K * stride_bk
 
+    # epilogue: 64-bit offsets once per row, 32-bit column offsets; dropout draws one Philox
+    # call per 4 columns (common.keep_mask), the mask rule of the elementwise kernels
     acc = to_math(acc, FP64)
     inside = (rm[:, None] < M) & (rn[None, :] < N)
-    offs = rm[:, None].to(tl.int64) * N + rn[None, :]
+    offs = (rm.to(tl.int64) * N)[:, None] + rn[None, :]
     if HAS_BIAS:
         acc += to_math(tl.load(bias_ptr + rn, mask=rn < N, other=0.0), FP64)[None, :]
     if STORE_PRE:
         tl.store(pre_ptr + offs, acc.to(pre_ptr.dtype.element_ty), mask=inside)
     acc = activation(acc, ACT)
-    acc = dropout(acc, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    acc = dropout(acc, seed_ptr, rm, pid_n * BLOCK_N, threshold, scale, scale_lo, DROPOUT, FP64,
+                  BLOCK_N)
     if RESIDUAL:
         if PER_CHANNEL:
             gate = tl.load(alpha_ptr + rn, mask=rn < N, other=0.0)[None, :]
         else:
             gate = tl.load(alpha_ptr)
-        x_ptrs = x_ptr + rm[:, None].to(tl.int64) * stride_xm + rn[None, :] * stride_xn
+        x_ptrs = x_ptr + (rm.to(tl.int64) * stride_xm)[:, None] \
+            + (rn.to(tl.int64) * stride_xn)[None, :]
         acc = to_math(tl.load(x_ptrs, mask=inside, other=0.0), FP64) + to_math(gate, FP64) * acc
     tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=inside)
 
@@ -100,15 +108,14 @@ def _gemm(a, b, out, bias=None, x=None, alpha=None, seed=None, pre=None, act=0, 
     dot = {torch.float64: 2, torch.float32: 1}.get(a.dtype, 0)
     if dot == 0 and a.dtype == torch.bfloat16 and interpreting():
         dot = 3
-    hi, lo = scale_args(p)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
-    wrap_triton(_linear_kernel)[grid](
-        a, b, bias, x, alpha, seed, out, pre, M, N, K, a.stride(0), a.stride(1), b.stride(0),
-        b.stride(1), x.stride(0) if x is not None else 0, x.stride(1) if x is not None else 0,
-        p, hi, lo, DOT=dot, HAS_BIAS=int(bias is not None), STORE_PRE=int(pre is not None),
-        ACT=act, DROPOUT=int(seed is not None), RESIDUAL=int(x is not None),
-        PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
-        FP64=int(out.dtype == torch.float64))
+    launch(_linear_kernel, gemm_grid(M, N), out.device,
+           a, b, bias, x, alpha, seed, out, pre, M, N, K, bucket(M), bucket(K), a.stride(0),
+           a.stride(1), b.stride(0), b.stride(1), x.stride(0) if x is not None else 0,
+           x.stride(1) if x is not None else 0, *dropout_args(p), DOT=dot,
+           HAS_BIAS=int(bias is not None), STORE_PRE=int(pre is not None), ACT=act,
+           DROPOUT=int(seed is not None), RESIDUAL=int(x is not None),
+           PER_CHANNEL=int(alpha is not None and alpha.numel() > 1),
+           FP64=int(out.dtype == torch.float64))
 
 
 def _rows(t: torch.Tensor) -> int:

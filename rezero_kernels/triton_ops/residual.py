@@ -5,16 +5,21 @@ Backward: ``dx = dy`` (grad_output itself), ``dfx = alpha * mask * dy / (1-p)`` 
 splits the rows into ``row_groups`` groups; each program walks its group's rows for one block
 of channels and writes an fp32 partial sum per channel; the partials (groups x C) are then summed
 by ``torch.sum`` in a fixed order, so dalpha is deterministic and needs no atomics.
+
+Both kernels run a 1-D grid (common.elementwise_grid, common.reduction_grid): program ``pid``
+takes column block ``pid % col_blocks`` of row tile (group) ``pid // col_blocks``, so
+neighbouring programs read neighbouring columns of the same rows.  Row and column indices are
+64-bit where they could pass 2^31 (a flattened 1-D tensor is one row of ``numel`` columns).
 """
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
-from .common import (define_op, dropout, elementwise_configs, math_dtype, new_seed, row_groups,
-                     scale_args, skip_launch, to_math)
+from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
+                     elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
+                     reduction_grid, row_groups, skip_launch, to_math)
 
 
 @triton.jit
@@ -26,42 +31,55 @@ def _load_alpha(alpha_ptr, cols, C, PER_CHANNEL: tl.constexpr, FP64: tl.constexp
     return to_math(a, FP64)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
-def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, p, scale, scale_lo,
-                  PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
+@triton.autotune(configs=elementwise_configs(),
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale,
+                  scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     inside = (rows[:, None] < M) & (cols[None, :] < C)
-    offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+    offs = rows[:, None] * C + cols[None, :]
     x = to_math(tl.load(x_ptr + offs, mask=inside, other=0.0), FP64)
     fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
-    fx = dropout(fx, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+    fx = dropout(fx, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
     y = x + _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64) * fx
     tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=inside)
 
 
-@triton.autotune(configs=elementwise_configs(), key=["M", "C"])
-@triton.jit
-def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, group_rows,
-                  p, scale, scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr,
-                  FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    group = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+@triton.autotune(configs=elementwise_configs(reduction=True),
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"],
+                 prune_configs_by={"early_config_prune": elementwise_prune})
+@triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
+def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, M_BUCKET,
+                  group_rows, threshold, scale, scale_lo, PER_CHANNEL: tl.constexpr,
+                  DROPOUT: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    group = (pid // col_blocks).to(tl.int64)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
     a = _load_alpha(alpha_ptr, cols, C, PER_CHANNEL, FP64)
     first = group * group_rows
-    acc = to_math(tl.zeros([BLOCK_C], dtype=tl.float32), FP64)
+    # a (BLOCK_M, BLOCK_C) accumulator summed over rows once, after the loop: a sum per
+    # iteration would cross warps through shared memory, with a barrier, every BLOCK_M rows
+    acc = to_math(tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32), FP64)
     for start in range(0, group_rows, BLOCK_M):
         rows = first + start + tl.arange(0, BLOCK_M)
         inside = ((rows < M) & (rows < first + group_rows))[:, None] & (cols[None, :] < C)
-        offs = rows[:, None].to(tl.int64) * C + cols[None, :]
+        offs = rows[:, None] * C + cols[None, :]
         dy = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
-        dy = dropout(dy, seed_ptr, offs, p, scale, scale_lo, DROPOUT, FP64)
+        dy = dropout(dy, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         tl.store(dfx_ptr + offs, (a * dy).to(dfx_ptr.dtype.element_ty), mask=inside)
         fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
-        acc += tl.sum(dy * fx, axis=0)
-    tl.store(part_ptr + group * C + cols, acc, mask=cols < C)
+        acc += dy * fx
+    tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
 @define_op("residual")
@@ -72,12 +90,10 @@ def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
     if out.numel() == 0 or skip_launch(x):
         return out
     M = out.numel() // C
-    hi, lo = scale_args(p)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]), triton.cdiv(C, meta["BLOCK_C"]))
-    wrap_triton(_residual_fwd)[grid](
-        x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, p, hi, lo,
-        PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
-        FP64=int(x.dtype == torch.float64))
+    launch(_residual_fwd, elementwise_grid(M, C), x.device,
+           x.contiguous(), fx.contiguous(), alpha, seed, out, M, C, bucket(M), *dropout_args(p),
+           PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
+           FP64=int(x.dtype == torch.float64))
     return out
 
 
@@ -91,13 +107,10 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
     grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
     partial = torch.zeros((groups, C), dtype=math_dtype(fx.dtype), device=fx.device)
     if fx.numel() and not skip_launch(fx):
-        hi, lo = scale_args(p)
-        group_rows = triton.cdiv(M, groups)
-        grid = lambda meta: (groups, triton.cdiv(C, meta["BLOCK_C"]))
-        wrap_triton(_residual_bwd)[grid](
-            grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, group_rows,
-            p, hi, lo, PER_CHANNEL=int(alpha.numel() > 1), DROPOUT=int(seed is not None),
-            FP64=int(fx.dtype == torch.float64))
+        launch(_residual_bwd, reduction_grid(groups, C), fx.device,
+               grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, bucket(M),
+               triton.cdiv(M, groups), *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
+               DROPOUT=int(seed is not None), FP64=int(fx.dtype == torch.float64))
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
     return grad_fx, grad_alpha.to(alpha.dtype)
 
