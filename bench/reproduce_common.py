@@ -290,15 +290,20 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
+def markdown_table(columns, rows) -> str:
+    """A markdown table of ``rows`` (lists of cells, formatted with :func:`fmt`)."""
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def write_table(out_dir, name: str, columns, rows, preamble: str = "") -> str:
     """Write ``rows`` (lists of cells) as ``name.md`` (markdown, after ``preamble``) and
     ``name.csv`` under ``out_dir``; print and return the markdown."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cells = [[fmt(c) for c in row] for row in rows]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(row) + " |" for row in cells]
-    table = "\n".join(lines)
+    table = markdown_table(columns, cells)
     text = (preamble.rstrip() + "\n\n" if preamble else "") + table + "\n"
     (out / f"{name}.md").write_text(text)
     with open(out / f"{name}.csv", "w", newline="") as f:
