@@ -1,5 +1,6 @@
 """Plain-PyTorch reference implementations of every ``rezero_kernels`` op and layer."""
-from .functional import (ACTIVATIONS, bias_act_dropout, linear_bias_act_dropout, rezero_fc,
+from .activations import ACTIVATIONS
+from .functional import (bias_act_dropout, linear_bias_act_dropout, rezero_fc,
                          rezero_linear, rezero_residual)
 from .transformer import RZTXDecoderLayer, RZTXEncoderLayer, causal_mask
 

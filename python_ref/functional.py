@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh")
+from .activations import lookup
 
 
 def dropout(t: torch.Tensor, p: float, training: bool = True, mask: torch.Tensor | None = None):
@@ -25,15 +25,8 @@ def dropout(t: torch.Tensor, p: float, training: bool = True, mask: torch.Tensor
 
 
 def activation(t: torch.Tensor, name: str) -> torch.Tensor:
-    if name == "identity":
-        return t
-    if name == "relu":
-        return F.relu(t)
-    if name == "gelu":
-        return F.gelu(t)
-    if name == "gelu_tanh":
-        return F.gelu(t, approximate="tanh")
-    raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
+    """``name`` (a row of ``activations.TABLE``) applied to ``t``."""
+    return lookup(name).fn(t)
 
 
 def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, mask=None):

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 from . import functional as ref
+from .activations import lookup
 
 _SUBLAYER_GATES = {"encoder": ("resweight", "resweight_ff"),
                    "decoder": ("resweight", "resweight_cross", "resweight_ff")}
@@ -25,8 +26,7 @@ def check_layer_args(d_model, nhead, dim_feedforward, dropout, activation):
         raise ValueError(f"d_model ({d_model}) must be divisible by nhead ({nhead})")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout probability must be in [0, 1), got {dropout}")
-    if activation not in ("relu", "gelu", "gelu_tanh"):
-        raise ValueError(f"unknown activation {activation!r}; expected 'relu', 'gelu' or 'gelu_tanh'")
+    lookup(activation)
 
 
 def causal_mask(query_len: int, key_len: int, device=None) -> torch.Tensor:

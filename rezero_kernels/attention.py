@@ -9,6 +9,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from python_ref import causal_mask
+
 from . import dispatch, functional
 
 
@@ -43,20 +45,18 @@ def _scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
     """SDPA, except for CPU training with dropout in float32/64 on the compiled backend: there
     torch's SDPA falls back to its math path, whose bernoulli mask costs ~8 ns an element on one
     thread; the same math with the fused in-kernel dropout replaces it."""
-    fused_dropout = (dropout_p > 0 and q.device.type == "cpu"
-                     and q.dtype in (torch.float32, torch.float64)
-                     and dispatch.select(backend, q.device) == "cpu")
+    fused_dropout = (dropout_p > 0 and q.dtype in (torch.float32, torch.float64)
+                     and dispatch.uses_fused_cpu_dropout(backend, q.device))
     if not fused_dropout:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               dropout_p=dropout_p)
     scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     if causal:
-        mask = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).triu(1)
-        mask = _additive(mask, q.dtype, "causal mask")
+        mask = _additive(causal_mask(q.shape[-2], k.shape[-2], q.device), q.dtype, "causal mask")
     if mask is not None:
         scores = scores + mask
     probs = functional.bias_act_dropout(torch.softmax(scores, dim=-1), None, "identity",
-                                        dropout_p, True, "cpu")
+                                        dropout_p, True, backend)
     return torch.matmul(probs, v)
 
 
@@ -86,7 +86,7 @@ def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, train
     k_len = k.shape[2]
     causal = bool(is_causal) and key_padding_mask is None
     if is_causal and attn_mask is None and not causal:
-        attn_mask = torch.ones(q_len, k_len, dtype=torch.bool, device=x.device).triu(1)
+        attn_mask = causal_mask(q_len, k_len, x.device)
     mask = None if causal else merged_mask(attn_mask, key_padding_mask, batch, heads, q_len,
                                            k_len, q.dtype)
     out = _scaled_dot_product(q, k, v, mask, causal, attn.dropout if training else 0.0, backend)

@@ -35,11 +35,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from . import functional as F
+from . import dispatch, functional as F
+from . import validation as check
 
 __all__ = ["ReZeroFCBlock", "rezero_fc_net", "ReZeroBasicBlock", "ReZeroResNet", "rezero_resnet"]
-
-_FC_ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "identity")
 
 
 def _gate(alpha_init: float, device=None, dtype=None) -> nn.Parameter:
@@ -54,11 +53,10 @@ class ReZeroFCBlock(nn.Module):
         super().__init__()
         if width <= 0:
             raise ValueError(f"width must be positive, got {width}")
-        if activation not in _FC_ACTIVATIONS:
-            raise ValueError(f"unknown activation {activation!r}; expected one of {_FC_ACTIVATIONS}")
+        check.activation(activation)
         self.width = width
         self.activation = activation
-        self.backend = backend
+        self.backend = dispatch.check_name(backend)
         self.linear = nn.Linear(width, width, bias=bias, device=device, dtype=dtype)
         self.resweight = _gate(alpha_init, device, dtype)
 
@@ -100,12 +98,10 @@ class ReZeroBasicBlock(nn.Module):
     module docstring for the choices (no BatchNorm by default, no ReLU after the sum).
     """
 
-    expansion = 1
-
     def __init__(self, in_planes: int, planes: int, stride: int = 1, alpha_init: float = 0.0,
                  backend: str = "auto", *, batch_norm: bool = False):
         super().__init__()
-        self.backend = backend
+        self.backend = dispatch.check_name(backend)
         self.conv1 = _conv3x3(in_planes, planes, stride, bias=not batch_norm)
         self.bn1 = nn.BatchNorm2d(planes) if batch_norm else nn.Identity()
         self.conv2 = _conv3x3(planes, planes, 1, bias=not batch_norm)

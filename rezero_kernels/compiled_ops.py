@@ -3,23 +3,22 @@ autograd in csrc/autograd.cpp, which also says what each op keeps for backward),
 (meta) kernels registered here, so that ``torch.compile(fullgraph=True)`` traces them and
 ``torch.library.opcheck`` passes.
 
-The functions at the bottom are the backend interface of ``dispatch``: the general path, for
-inputs the eager entry points (csrc/fast_path.cpp) do not take, and for ``torch.compile``.
+Per op, its fake kernel(s) and its backend function, the interface of ``dispatch``: the general
+path, for inputs the eager entry points (csrc/fast_path.cpp) do not take, and for
+``torch.compile``.  The registered names (``rezero_kernels::<name>``) and the public ops they
+serve are listed in the README ("Layout").
 """
 from __future__ import annotations
 
 import torch
 
 from . import extension
+from .validation import math_dtype
 
 if extension.load_error() is not None:
     raise ImportError(extension.load_error())
 
 ops = torch.ops.rezero_kernels
-
-
-def _math_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 def new_seed(p: float, device: torch.device) -> torch.Tensor:
@@ -31,7 +30,7 @@ def new_seed(p: float, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
-# --- fake kernels: output metadata only ---------------------------------------------------
+# --- rezero_residual: rezero_kernels::residual ---------------------------------------------
 
 @torch.library.register_fake("rezero_kernels::residual")
 def _(x, fx, alpha, p, seed):
@@ -43,6 +42,14 @@ def _(grad, fx, alpha, p, seed):
     return torch.empty_like(fx), torch.empty_like(alpha)
 
 
+def rezero_residual(x, fx, alpha, dropout_p):
+    alpha = alpha.to(math_dtype(x.dtype)).contiguous()
+    return ops.residual(x.contiguous(), fx.contiguous(), alpha, dropout_p,
+                        new_seed(dropout_p, x.device))
+
+
+# --- bias_act_dropout (and linear_bias_act_dropout: a GEMM, then this op) -------------------
+
 @torch.library.register_fake("rezero_kernels::bias_act_dropout")
 def _(h, bias, activation, p, seed):
     return torch.empty_like(h)
@@ -52,6 +59,18 @@ def _(h, bias, activation, p, seed):
 def _(grad, h, bias, activation, p, seed):
     return torch.empty_like(h), torch.empty_like(bias)
 
+
+def bias_act_dropout(h, bias, activation, dropout_p):
+    bias = bias.to(math_dtype(h.dtype)).contiguous()
+    return ops.bias_act_dropout(h.contiguous(), bias, activation, dropout_p,
+                                new_seed(dropout_p, h.device))
+
+
+def linear_bias_act_dropout(inp, weight, bias, activation, dropout_p):
+    return bias_act_dropout(torch.matmul(inp, weight.t()), bias, activation, dropout_p)
+
+
+# --- rezero_linear: rezero_kernels::linear_residual -----------------------------------------
 
 @torch.library.register_fake("rezero_kernels::linear_residual")
 def _(x, inp, weight, bias, alpha, p, seed):
@@ -63,6 +82,14 @@ def _(grad, inp, weight, bias, alpha, p, seed, output_mask):
     return tuple(torch.empty_like(t) if wanted else None
                  for t, wanted in zip((inp, weight, bias, alpha), output_mask))
 
+
+def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
+    alpha = alpha.to(math_dtype(x.dtype)).contiguous()
+    return ops.linear_residual(x.contiguous(), inp.contiguous(), weight.contiguous(),
+                               bias.contiguous(), alpha, dropout_p, new_seed(dropout_p, x.device))
+
+
+# --- rezero_fc ------------------------------------------------------------------------------
 
 @torch.library.register_fake("rezero_kernels::rezero_fc")
 def _(x, weight, bias, alpha, activation, p, seed):
@@ -76,33 +103,7 @@ def _(grad, x, weight, alpha, kept, activation, p, seed, output_mask):
                  for t, wanted in zip((x, weight, bias_like, alpha), output_mask))
 
 
-# --- the backend interface (see dispatch.py) ---------------------------------------------
-
-def rezero_residual(x, fx, alpha, dropout_p):
-    alpha = alpha.to(_math_dtype(x)).contiguous()
-    return ops.residual(x.contiguous(), fx.contiguous(), alpha, dropout_p,
-                        new_seed(dropout_p, x.device))
-
-
-def bias_act_dropout(h, bias, activation, dropout_p):
-    bias = bias.to(_math_dtype(h)).contiguous()
-    return ops.bias_act_dropout(h.contiguous(), bias, activation, dropout_p,
-                                new_seed(dropout_p, h.device))
-
-
-def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
-    out_dtype = torch.promote_types(x.dtype, inp.dtype)
-    x = x.to(out_dtype).contiguous()
-    alpha = alpha.to(_math_dtype(x)).contiguous()
-    return ops.linear_residual(x, inp.contiguous(), weight.contiguous(), bias.contiguous(), alpha,
-                               dropout_p, new_seed(dropout_p, x.device))
-
-
-def linear_bias_act_dropout(inp, weight, bias, activation, dropout_p):
-    return bias_act_dropout(torch.matmul(inp, weight.t()), bias, activation, dropout_p)
-
-
 def rezero_fc(x, weight, bias, alpha, activation, dropout_p):
-    alpha = alpha.to(_math_dtype(x)).contiguous()
+    alpha = alpha.to(math_dtype(x.dtype)).contiguous()
     return ops.rezero_fc(x.contiguous(), weight, bias, alpha, activation, dropout_p,
                          new_seed(dropout_p, x.device))[0]

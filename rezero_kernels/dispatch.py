@@ -10,14 +10,10 @@ training, alpha a 1-element or last-dim-sized tensor, bias a tensor):
     linear_bias_act_dropout(inp, weight, bias, activation, dropout_p)
     rezero_fc(x, weight, bias, alpha, activation, dropout_p)
 
-Backends:
-  "torch"  - ``python_ref``, plain eager PyTorch (the oracle; any device).
-  "cpu"    - the compiled C++ extension, CPU tensors.
-  "cuda"   - the compiled CUDA kernels in the same extension, CUDA tensors.
-  "triton" - Triton kernels: CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``.
-"auto" picks, for CUDA tensors, cuda > triton > torch; for CPU tensors, cpu > torch
-(the Triton interpreter is a test vehicle, never chosen automatically).  A fallback to "torch"
-warns once, saying what to install or build.
+The backends are the rows of ``REGISTRY`` below: its name, module, the device types it serves,
+its place in ``auto``'s order per device type, and how to get it.  ``backends()``, ``select``,
+its error messages and the README's backend table all come from it.  A fallback of ``auto`` to
+"torch" warns once, saying what to install or build.
 """
 from __future__ import annotations
 
@@ -26,51 +22,96 @@ import importlib
 import importlib.util
 import os
 import warnings
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
-BACKENDS = ("torch", "cpu", "cuda", "triton")
-# cuda before triton: measured on an H100 (bench/results/gpu/), the CUDA kernels with the C++
-# entry points ran every op and layer 2-5x faster than the Triton backend, whose launches cost
-# tens of microseconds of Python each.
-_AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}
-_MODULES = {"torch": "rezero_kernels.backend_torch", "cpu": "rezero_kernels.compiled_ops",
-            "cuda": "rezero_kernels.compiled_ops", "triton": "rezero_kernels.triton_ops"}
-_HOW_TO_GET = {
-    "cpu": "build the C++ extension: `pip install --no-build-isolation -e .` in the source tree",
-    "cuda": "build the extension on a machine with CUDA torch and nvcc (see README, REZERO_CUDA=1)",
-    "triton": "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 for CPU tensors)",
-}
 
-
-def _triton_interpreting() -> bool:
+def triton_interpreting() -> bool:
+    """Triton runs kernels on CPU tensors in its interpreter (a test vehicle)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _load(name: str):
+def _extension_missing() -> Optional[str]:
+    from . import extension
+    return extension.load_error()
+
+
+def _cuda_missing() -> Optional[str]:
+    from . import extension
+    if extension.load_error() is not None:
+        return extension.load_error()
+    return None if extension.has_cuda() else "the extension has no CUDA kernels or no GPU is visible"
+
+
+def _triton_missing() -> Optional[str]:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or triton_interpreting()):
+        return "no GPU is visible and TRITON_INTERPRET is not 1"
+    return None
+
+
+class Backend(NamedTuple):
+    name: str
+    module: str            # implements the interface above
+    runs: str              # what it is, for the README and messages
+    serves: tuple          # device types whose tensors it takes; () = any
+    auto: dict             # {device type: rank in auto's order}, lowest first; {} = never auto
+    entry_points: bool     # has the one-call eager entry points of rezero_kernels._C
+    how_to_get: str
+    missing: Callable[[], Optional[str]]  # why it cannot run on this machine, or None
+
+
+# auto ranks cuda before triton on CUDA tensors: measured on an H100 (bench/results/gpu/), the
+# CUDA kernels with the C++ entry points ran every op and layer 2-5x faster than the Triton
+# backend, whose launches cost tens of microseconds of Python each.  The Triton interpreter is a
+# test vehicle, never chosen by auto.
+REGISTRY = (
+    Backend("torch", "rezero_kernels.backend_torch",
+            "`python_ref`, the plain-PyTorch reference (any device)", (), {}, False, "",
+            lambda: None),
+    Backend("cpu", "rezero_kernels.compiled_ops",
+            "the compiled C++ kernels (`csrc/cpu/`), CPU tensors", ("cpu",), {"cpu": 0}, True,
+            "build the C++ extension: `pip install --no-build-isolation -e .` in the source tree",
+            _extension_missing),
+    Backend("cuda", "rezero_kernels.compiled_ops",
+            "the compiled CUDA kernels (`csrc/cuda/`), CUDA tensors", ("cuda",), {"cuda": 0},
+            True,
+            "build the extension on a machine with CUDA torch and nvcc (see README, REZERO_CUDA=1)",
+            _cuda_missing),
+    Backend("triton", "rezero_kernels.triton_ops",
+            "the Triton kernels (`rezero_kernels/triton_ops/`), CUDA tensors, or CPU tensors "
+            "under `TRITON_INTERPRET=1`",
+            ("cuda", "cpu") if triton_interpreting() else ("cuda",), {"cuda": 1}, False,
+            "install triton and use CUDA tensors (or set TRITON_INTERPRET=1 for CPU tensors)",
+            _triton_missing),
+)
+_BY_NAME = {b.name: b for b in REGISTRY}
+BACKENDS = tuple(_BY_NAME)
+
+
+def _auto_order(device_type: str) -> tuple:
+    ranked = [b for b in REGISTRY if device_type in b.auto]
+    return tuple(b.name for b in sorted(ranked, key=lambda b: b.auto[device_type]))
+
+
+def _load(backend: Backend):
     """(the backend's module, None) or (None, why it cannot run on this machine)."""
-    if name in ("cpu", "cuda"):
-        from . import extension
-        if extension.load_error() is not None:
-            return None, extension.load_error()
-        if name == "cuda" and not extension.has_cuda():
-            return None, "the extension has no CUDA kernels or no GPU is visible"
-    if name == "triton":
-        if importlib.util.find_spec("triton") is None:
-            return None, "triton is not installed"
-        if not (torch.cuda.is_available() or _triton_interpreting()):
-            return None, "no GPU is visible and TRITON_INTERPRET is not 1"
+    why = backend.missing()
+    if why is not None:
+        return None, why
     try:
-        return importlib.import_module(_MODULES[name]), None
+        return importlib.import_module(backend.module), None
     except ImportError as exc:  # reported by select() when the backend is asked for
-        return None, f"importing {_MODULES[name]} failed: {exc}"
+        return None, f"importing {backend.module} failed: {exc}"
 
 
 # Probed once, at import, so that torch.compile traces only dictionary look-ups here.
 # (TRITON_INTERPRET must therefore be set before rezero_kernels is imported.)
 _IMPLEMENTATIONS, _UNAVAILABLE = {}, {}
-for _name in BACKENDS:
-    _IMPLEMENTATIONS[_name], _UNAVAILABLE[_name] = _load(_name)
+for _backend in REGISTRY:
+    _IMPLEMENTATIONS[_backend.name], _UNAVAILABLE[_backend.name] = _load(_backend)
 
 
 def _probe(name: str) -> bool:
@@ -78,43 +119,63 @@ def _probe(name: str) -> bool:
 
 
 def backends() -> dict:
-    """What is usable on this machine: ``{"cpu": bool, "cuda": bool, "triton": bool}``."""
-    return {name: _probe(name) for name in ("cpu", "cuda", "triton")}
+    """What is usable on this machine, per fused backend (those ``auto`` can pick):
+    ``{"cpu": bool, "cuda": bool, "triton": bool}``."""
+    return {b.name: _probe(b.name) for b in REGISTRY if b.auto}
 
 
 def _supports_device(name: str, device: torch.device) -> bool:
-    if name in ("torch",):
-        return True
-    if name == "triton":
-        return device.type == "cuda" or (device.type == "cpu" and _triton_interpreting())
-    return device.type == name
+    serves = _BY_NAME[name].serves
+    return not serves or device.type in serves
+
+
+def check_name(requested: str) -> str:
+    """``requested`` if it names a backend or is "auto"; a ValueError otherwise (what the
+    modules call at construction, before any tensor is seen)."""
+    if requested != "auto" and requested not in _BY_NAME:
+        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
+    return requested
 
 
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(device_type: str) -> None:
-    wanted = _AUTO_ORDER.get(device_type, ())
-    hints = "; or ".join(_HOW_TO_GET[w] for w in wanted) or "no fused backend exists for it"
+    hints = "; or ".join(_BY_NAME[w].how_to_get for w in _auto_order(device_type))
     warnings.warn(f"rezero_kernels: no fused backend is available for {device_type} tensors, "
-                  f"using the slow pure-PyTorch reference. To get the fused kernels, {hints}.",
-                  RuntimeWarning, stacklevel=4)
+                  f"using the slow pure-PyTorch reference. To get the fused kernels, "
+                  f"{hints or 'no fused backend exists for it'}.", RuntimeWarning, stacklevel=4)
 
 
 def select(requested: str, device: torch.device) -> str:
     """Resolve ``backend=`` for tensors on ``device`` to a concrete backend name."""
     if requested == "auto":
-        for name in _AUTO_ORDER.get(device.type, ()):
+        for name in _auto_order(device.type):
             if _probe(name):
                 return name
         _warn_fallback(device.type)
         return "torch"
-    if requested not in BACKENDS:
-        raise ValueError(f"unknown backend {requested!r}; expected 'auto' or one of {BACKENDS}")
+    check_name(requested)
     if not _probe(requested):
         raise RuntimeError(f"backend {requested!r} is not available on this machine "
-                           f"({_UNAVAILABLE[requested]}): {_HOW_TO_GET[requested]}")
+                           f"({_UNAVAILABLE[requested]}): {_BY_NAME[requested].how_to_get}")
     if not _supports_device(requested, device):
         raise ValueError(f"backend {requested!r} cannot run on {device.type} tensors")
     return requested
+
+
+def readme_table() -> str:
+    """The README's backend table, from the registry (a test checks that the README has it)."""
+    rows = ["| `backend=` | runs |", "| --- | --- |"]
+    rows += [f'| `"{b.name}"` | {b.runs} |' for b in REGISTRY]
+    devices = list(dict.fromkeys(d for b in REGISTRY for d in b.auto))
+    order = "; ".join(f"{d.upper()} tensors: " + ", else ".join(
+        f"`{n}`" for n in _auto_order(d) + ("torch",)) for d in devices)
+    return "\n".join(rows + [f'| `"auto"` | {order} |'])
+
+
+def uses_fused_cpu_dropout(requested: str, device: torch.device) -> bool:
+    """Whether attention-probability dropout on ``device`` runs through the compiled CPU kernel
+    (``attention._scaled_dot_product``) for a call with ``backend=requested``."""
+    return device.type == "cpu" and select(requested, device) == "cpu"
 
 
 def implementation(name: str):
@@ -124,20 +185,21 @@ def implementation(name: str):
 
 def _fast_paths() -> dict:
     """{(backend asked for, tensor is on CUDA): the extension module} for every request that
-    ``select`` resolves to the compiled "cpu" or "cuda" backend."""
-    if _IMPLEMENTATIONS["cpu"] is None:
+    ``select`` resolves to a backend with the eager entry points."""
+    compiled = tuple(b.name for b in REGISTRY if b.entry_points and _probe(b.name))
+    if not compiled:
         return {}
     from . import _C
     table = {}
     for is_cuda, device in ((False, torch.device("cpu")), (True, torch.device("cuda"))):
-        for requested in ("auto", "cpu", "cuda"):
+        for requested in ("auto",) + compiled:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     name = select(requested, device)
             except (RuntimeError, ValueError):
                 continue
-            if name in ("cpu", "cuda") and _supports_device(name, device):
+            if name in compiled:
                 table[requested, is_cuda] = _C
     _warn_fallback.cache_clear()
     return table

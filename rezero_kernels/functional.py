@@ -114,6 +114,7 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, bac
     device = check.same_device(x=x, inp=inp, weight=weight, bias=bias, alpha=alpha)
     p = check.dropout_p(dropout_p, training)
     inp, weight, bias = _gemm_operands(device, inp, weight, bias)
+    x = x.to(torch.promote_types(x.dtype, inp.dtype))  # the result's dtype, as eager's x + F
     impl = dispatch.implementation(dispatch.select(backend, device))
     return impl.rezero_linear(x, inp, weight, bias, alpha, p)
 

@@ -21,13 +21,10 @@ class ReZero(nn.Module):
         super().__init__()
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {dropout}")
-        if backend != "auto" and backend not in dispatch.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of "
-                             f"{dispatch.BACKENDS}")
         self.module = module
         self.resweight = nn.Parameter(torch.full((channels or 1,), float(alpha_init)))
         self.dropout = float(dropout)
-        self.backend = backend
+        self.backend = dispatch.check_name(backend)
 
     def forward(self, x, *args, **kwargs):
         fx = self.module(x, *args, **kwargs)

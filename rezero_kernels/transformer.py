@@ -29,10 +29,7 @@ class _FusedSublayers:
                  backend="auto"):
         super().__init__(d_model, nhead, dim_feedforward, dropout, activation, batch_first,
                          device, dtype, alpha_init=alpha_init, share_alpha=share_alpha)
-        if backend != "auto" and backend not in dispatch.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of "
-                             f"{dispatch.BACKENDS}")
-        self.backend = backend
+        self.backend = dispatch.check_name(backend)
 
     def extra_repr(self) -> str:
         return (f"activation={self.activation_name!r}, dropout={self.dropout_p}, "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-ACTIVATIONS = ("identity", "relu", "gelu", "gelu_tanh")
+from python_ref.activations import lookup
 
 
 def tensor(name: str, t) -> torch.Tensor:
@@ -70,9 +70,13 @@ def gemm_operands(inp, weight) -> int:
 
 
 def activation(name) -> str:
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unknown activation {name!r}; expected one of {ACTIVATIONS}")
-    return name
+    """``name`` if it is a row of python_ref's activation table, else a ValueError."""
+    return lookup(name).name
+
+
+def math_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What the kernels compute in for data of ``dtype``: float64 for float64, else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def common_dtype(*tensors: torch.Tensor) -> torch.dtype:

@@ -2,6 +2,7 @@
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,6 +42,20 @@ def test_bad_input_is_named(call, exc, match):
 def test_backends_reports_three_bools():
     status = rzk.backends()
     assert set(status) == {"cpu", "cuda", "triton"} and all(isinstance(v, bool) for v in status.values())
+
+
+def test_readme_backend_table_is_the_registry():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert dispatch.readme_table() in readme
+
+
+@pytest.mark.parametrize("make", [lambda b: rzk.ReZero(torch.nn.Identity(), backend=b),
+                                  lambda b: rzk.RZTXEncoderLayer(8, 2, 16, backend=b),
+                                  lambda b: rzk.blocks.ReZeroFCBlock(4, backend=b),
+                                  lambda b: rzk.blocks.ReZeroBasicBlock(4, 4, backend=b)])
+def test_modules_check_backend_names_at_construction(make):
+    with pytest.raises(ValueError, match="unknown backend 'cuda:0'; expected 'auto' or one of"):
+        make("cuda:0")
 
 
 def test_auto_picks_compiled_cpu_when_built():

@@ -25,7 +25,7 @@ F = rzk.functional
 ops = torch.ops.rezero_kernels
 DEV = torch.device("cuda")
 SEED = 1234
-ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh"]
+ACTIVATIONS = python_ref.ACTIVATIONS
 
 
 def randn(*shape, dtype=torch.float64):

@@ -33,7 +33,7 @@ from parity import assert_parity, probe_mask, reference
 F = rzk.functional
 SEED = 1234
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-ACTIVATIONS = ["identity", "relu", "gelu", "gelu_tanh"]
+ACTIVATIONS = python_ref.ACTIVATIONS
 ALPHAS = ["zero", "scalar", "vector"]
 OPS = ["rezero_residual", "bias_act_dropout", "rezero_linear", "linear_bias_act_dropout",
        "rezero_fc"]

@@ -1,8 +1,9 @@
 """``y = dropout(act(h + bias))`` in one pass, its backward, and the activation helpers the GEMM
 epilogue shares.
 
-Activations are chosen by the constexpr ``ACT``: 0 identity, 1 relu, 2 gelu (erf),
-3 gelu_tanh.  Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
+Activations are chosen by the constexpr ``ACT``, the activation's code in python_ref's table
+(0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh); a code without a formula here fails to compile.
+Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
 ``dbias = sum_rows(dz)`` from fp32 per-group partials summed in a fixed order (deterministic,
 no atomics).  What is kept for backward:
   relu      the output y only: y > 0 exactly where the gradient flows (kept and h + bias > 0),
@@ -16,12 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
+from python_ref.activations import TABLE, code
+
 from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
                      reduction_grid, row_groups, skip_launch, to_math)
 
-ACTIVATION_CODES = {"identity": 0, "relu": 1, "gelu": 2, "gelu_tanh": 3}
-RELU = ACTIVATION_CODES["relu"]
+BACKWARD_NEEDS = tuple(a.backward_needs for a in TABLE)  # by activation code
 
 
 @triton.jit
@@ -35,26 +37,34 @@ def _tanh_gate(z):
 
 @triton.jit
 def activation(z, ACT: tl.constexpr):
-    if ACT == 1:
-        z = tl.where(z < 0, 0.0, z)
+    if ACT == 0:
+        y = z
+    elif ACT == 1:
+        y = tl.where(z < 0, 0.0, z)
     elif ACT == 2:
-        z = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
+        y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
-        z = z * _tanh_gate(z)
-    return z
+        y = z * _tanh_gate(z)
+    else:
+        tl.static_assert(False, "activation code without a Triton formula (bias_act.py)")
+    return y
 
 
 @triton.jit
 def activation_grad(z, ACT: tl.constexpr):
-    """d act(z) / dz (for ACT 1..3); gelu_tanh: s + 2 z s (1 - s) u'(z) with s = _tanh_gate."""
-    if ACT == 1:
+    """d act(z) / dz; gelu_tanh: s + 2 z s (1 - s) u'(z) with s = _tanh_gate."""
+    if ACT == 0:
+        g = tl.full(z.shape, 1.0, z.dtype)
+    elif ACT == 1:
         g = tl.where(z > 0, 1.0, 0.0)
     elif ACT == 2:
         g = 0.5 * (1.0 + tl.math.erf(z * 0.7071067811865476)) \
             + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    else:
+    elif ACT == 3:
         s = _tanh_gate(z)
         g = s + 1.5957691216057308 * z * s * (1.0 - s) * (1.0 + 0.134145 * z * z)
+    else:
+        tl.static_assert(False, "activation code without a Triton derivative (bias_act.py)")
     return g
 
 
@@ -161,7 +171,7 @@ def bias_act_backward(grad: torch.Tensor, z: torch.Tensor, bias: Optional[torch.
 def _setup(ctx, inputs, output):
     h, bias, act, p, seed = inputs
     ctx.act, ctx.p, ctx.bias_dtype = act, p, bias.dtype
-    if act == RELU:
+    if BACKWARD_NEEDS[act] == "output":
         ctx.save_for_backward(output, None, None)
     else:
         ctx.save_for_backward(h, bias, seed)
@@ -177,5 +187,5 @@ bias_act.register_autograd(_backward, setup_context=_setup)
 
 
 def bias_act_dropout(h, bias, activation_name, dropout_p):
-    return bias_act(h, bias.contiguous(), ACTIVATION_CODES[activation_name], dropout_p,
+    return bias_act(h, bias.contiguous(), code(activation_name), dropout_p,
                     new_seed(dropout_p, h.device))

@@ -26,7 +26,6 @@ capture): the channel count (elementwise) or N (GEMM), the row count rounded up 
 two (``bucket``), and the kernel's constexpr flags.  ``tuning.warmup`` tunes ahead of capture.
 """
 import contextlib
-import os
 
 import numpy as np
 import torch
@@ -34,9 +33,8 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+from ..dispatch import triton_interpreting as interpreting
+from ..validation import math_dtype  # noqa: F401  (the kernels' math dtype, for the op files)
 
 
 # --- block configs -------------------------------------------------------------------------
@@ -243,10 +241,6 @@ def dropout_args(p: float):
     scale = 1.0 / (1.0 - p)
     hi = float(np.float32(scale))
     return threshold - 2**32 if threshold >= 2**31 else threshold, hi, scale - hi
-
-
-def math_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- launching and registration -------------------------------------------------------------

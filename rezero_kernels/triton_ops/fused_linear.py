@@ -26,7 +26,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .bias_act import ACTIVATION_CODES, RELU, activation, bias_act_grad
+from python_ref.activations import code
+
+from .bias_act import BACKWARD_NEEDS, activation, bias_act_grad
 from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
                      gemm_prune, interpreting, launch, math_dtype, new_seed, skip_launch, to_math)
 
@@ -129,7 +131,7 @@ def linear_residual(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bi
                     alpha: torch.Tensor, p: float, seed: Optional[torch.Tensor]) -> torch.Tensor:
     N, K = weight.shape
     M = _rows(x)
-    out = torch.empty(x.shape, dtype=torch.promote_types(x.dtype, inp.dtype), device=x.device)
+    out = torch.empty_like(x)
     _gemm(inp.reshape(M, K), weight, out.view(M, N), bias=bias, x=x.reshape(M, N), alpha=alpha,
           seed=seed, p=p)
     return out
@@ -164,15 +166,14 @@ def linear_residual_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torc
 
 def _residual_setup(ctx, inputs, output):
     x, inp, weight, bias, alpha, p, seed = inputs
-    ctx.p, ctx.x_dtype = p, x.dtype
+    ctx.p = p
     ctx.save_for_backward(inp, weight, bias, alpha, seed)
 
 
 def _residual_backward(ctx, grad):
     inp, weight, bias, alpha, seed = ctx.saved_tensors
     grads = linear_residual_backward(grad, inp, weight, bias, alpha, ctx.p, seed)
-    grad_x = grad if grad.dtype == ctx.x_dtype else grad.to(ctx.x_dtype)
-    return (grad_x, *grads, None, None)
+    return (grad, *grads, None, None)
 
 
 linear_residual.register_autograd(_residual_backward, setup_context=_residual_setup)
@@ -203,8 +204,9 @@ def linear_act_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Ten
     N, K = weight.shape
     M = _rows(grad)
     grad2 = grad.reshape(M, N)
-    store = act != 0 or seed is not None or grad.dtype != inp.dtype
-    dz, colsum = bias_act_grad(grad2, z.reshape(M, N) if act else None, None, act, p, seed,
+    reads_z = BACKWARD_NEEDS[act] != "nothing"
+    store = reads_z or seed is not None or grad.dtype != inp.dtype
+    dz, colsum = bias_act_grad(grad2, z.reshape(M, N) if reads_z else None, None, act, p, seed,
                                inp.dtype, store)
     dz = dz if store else grad2
     grad_inp = torch.matmul(dz, weight).reshape(inp.shape)
@@ -217,10 +219,10 @@ def _act_setup(ctx, inputs, output):
     out, pre = output
     ctx.mark_non_differentiable(pre)
     ctx.act, ctx.p, ctx.bias_dtype = act, p, bias.dtype
-    if act == RELU:
+    if BACKWARD_NEEDS[act] == "output":
         ctx.save_for_backward(inp, weight, out, None)
     else:
-        ctx.save_for_backward(inp, weight, pre if act else None, seed)
+        ctx.save_for_backward(inp, weight, pre if BACKWARD_NEEDS[act] == "input" else None, seed)
 
 
 def _act_backward(ctx, grad, grad_pre):
@@ -241,9 +243,9 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
 
 
 def linear_bias_act_dropout(inp, weight, bias, activation_name, dropout_p):
-    act = ACTIVATION_CODES[activation_name]
+    act = code(activation_name)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (inp, weight, bias))
-    save_pre = int(needs_grad and act not in (0, RELU))
+    save_pre = int(needs_grad and BACKWARD_NEEDS[act] == "input")
     out, _ = linear_act(inp, weight, bias.contiguous(), act, dropout_p,
                         new_seed(dropout_p, inp.device), save_pre)
     return out
