@@ -20,8 +20,8 @@ import triton.language as tl
 from python_ref.activations import TABLE, code
 
 from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
-                     elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
-                     reduction_grid, row_groups, skip_launch, to_math)
+                     elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
+                     new_seed, reduction_grid, row_groups, skip_launch, to_math)
 
 BACKWARD_NEEDS = tuple(a.backward_needs for a in TABLE)  # by activation code
 
@@ -75,14 +75,7 @@ def activation_grad(z, ACT: tl.constexpr):
 def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale, scale_lo,
                   ACT: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    # 1-D grid over (row tile, column block), as residual.py's kernels
-    col_blocks = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
-    cols = col0 + tl.arange(0, BLOCK_C)
-    inside = (rows[:, None] < M) & (cols[None, :] < C)
-    offs = rows[:, None] * C + cols[None, :]
+    rows, col0, cols, inside, offs = elementwise_tile(M, C, BLOCK_M, BLOCK_C)
     z = to_math(tl.load(h_ptr + offs, mask=inside, other=0.0), FP64)
     z += to_math(tl.load(bias_ptr + cols, mask=cols < C, other=0.0), FP64)[None, :]
     y = dropout(activation(z, ACT), seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT,

@@ -288,6 +288,20 @@ def define_op(name: str):
 # --- in-kernel helpers -------------------------------------------------------------------
 
 @triton.jit
+def elementwise_tile(M, C, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's (BLOCK_M, BLOCK_C) tile of a row-major (M, C) tensor, on the 1-D grid of
+    ``elementwise_grid`` (program = row tile * column blocks + column block): (rows, first
+    column, columns, in-bounds mask, element offsets), 64-bit."""
+    col_blocks = tl.cdiv(C, BLOCK_C)
+    pid = tl.program_id(0)
+    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
+    cols = col0 + tl.arange(0, BLOCK_C)
+    inside = (rows[:, None] < M) & (cols[None, :] < C)
+    return rows, col0, cols, inside, rows[:, None] * C + cols[None, :]
+
+
+@triton.jit
 def to_math(v, FP64: tl.constexpr):
     """float32 math (float64 for float64 data)."""
     if FP64:

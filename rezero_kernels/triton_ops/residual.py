@@ -18,8 +18,8 @@ import triton
 import triton.language as tl
 
 from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
-                     elementwise_grid, elementwise_prune, launch, math_dtype, new_seed,
-                     reduction_grid, row_groups, skip_launch, to_math)
+                     elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
+                     new_seed, reduction_grid, row_groups, skip_launch, to_math)
 
 
 @triton.jit
@@ -38,13 +38,7 @@ def _load_alpha(alpha_ptr, cols, C, PER_CHANNEL: tl.constexpr, FP64: tl.constexp
 def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold, scale,
                   scale_lo, PER_CHANNEL: tl.constexpr, DROPOUT: tl.constexpr, FP64: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
-    col_blocks = tl.cdiv(C, BLOCK_C)
-    pid = tl.program_id(0)
-    rows = (pid // col_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    col0 = (pid % col_blocks).to(tl.int64) * BLOCK_C
-    cols = col0 + tl.arange(0, BLOCK_C)
-    inside = (rows[:, None] < M) & (cols[None, :] < C)
-    offs = rows[:, None] * C + cols[None, :]
+    rows, col0, cols, inside, offs = elementwise_tile(M, C, BLOCK_M, BLOCK_C)
     x = to_math(tl.load(x_ptr + offs, mask=inside, other=0.0), FP64)
     fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
     fx = dropout(fx, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
