@@ -4,7 +4,8 @@
 // are in ../activations.h.  (For relu, compiled_ops.py passes the forward output as h and a zero
 // bias: act'(y) is the same mask.)
 #include "../activations.h"  // activate, with_activation
-#include "common.cuh"
+#include "launch.cuh"         // launch_flat, launch_columns
+#include "types.cuh"          // with_dtype, math_t
 
 namespace rezero::cuda {
 namespace {
