@@ -7,6 +7,9 @@
 #include <ATen/core/Tensor.h>
 
 #include <string>
+#include <string_view>
+
+#include "activations.h"
 
 namespace rezero {
 
@@ -47,19 +50,6 @@ inline bool is_dropout(double p, const at::Tensor& seed, const at::Tensor& data)
   if (!(p >= 0.0 && p < 1.0)) return false;
   return p == 0.0 || (seed.defined() && seed.scalar_type() == at::kLong && seed.numel() == 2 &&
                       seed.is_contiguous() && seed.device() == data.device());
-}
-
-// The activations every backend implements, in this order.
-enum class Act { kIdentity, kRelu, kGelu, kGeluTanh };
-
-// false for an unknown name.
-inline bool lookup_activation(c10::string_view name, Act* act) {
-  if (name == "identity") *act = Act::kIdentity;
-  else if (name == "relu") *act = Act::kRelu;
-  else if (name == "gelu") *act = Act::kGelu;
-  else if (name == "gelu_tanh") *act = Act::kGeluTanh;
-  else return false;
-  return true;
 }
 
 // --- the checks of the op bindings -------------------------------------------------------
@@ -116,8 +106,9 @@ inline void check_bias_act_args(const at::Tensor& h, const at::Tensor& bias,
 
 inline Act parse_activation(c10::string_view name) {
   Act act = Act::kIdentity;
-  TORCH_CHECK_VALUE(lookup_activation(name, &act), "unknown activation '", std::string(name),
-                    "'; expected identity, relu, gelu or gelu_tanh");
+  TORCH_CHECK_VALUE(lookup_activation(std::string_view(name.data(), name.size()), &act),
+                    "unknown activation '", std::string(name), "'; expected one of ",
+                    kActivationNames);
   return act;
 }
 

@@ -9,11 +9,7 @@
 #pragma once
 #include <cstdint>
 
-#if defined(__CUDACC__)
-#define REZERO_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define REZERO_HOST_DEVICE inline
-#endif
+#include "host_device.h"
 
 namespace rezero {
 

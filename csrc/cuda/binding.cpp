@@ -42,14 +42,6 @@ DropoutParams make_dropout(double p, const at::Tensor& seed, const at::Tensor& d
   return d;
 }
 
-static_assert(static_cast<int>(Activation::kIdentity) == static_cast<int>(Act::kIdentity) &&
-                  static_cast<int>(Activation::kGeluTanh) == static_cast<int>(Act::kGeluTanh),
-              "launchers.h lists the activations in op_checks.h's order");
-
-Activation parse_activation(c10::string_view name) {
-  return static_cast<Activation>(static_cast<int>(rezero::parse_activation(name)));
-}
-
 cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 at::Tensor workspace(size_t bytes, const at::Tensor& like) {
@@ -93,7 +85,7 @@ std::tuple<at::Tensor, at::Tensor> residual_backward_op(const at::Tensor& grad, 
 at::Tensor bias_act_dropout_op(const at::Tensor& h, const at::Tensor& bias,
                                c10::string_view activation, double p, const at::Tensor& seed) {
   check_bias_act_args(h, bias, nullptr, c10::DeviceType::CUDA);
-  const Activation act = parse_activation(activation);
+  const Act act = parse_activation(activation);
   const DropoutParams d = make_dropout(p, seed, h);
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
@@ -108,7 +100,7 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward_op(
     const at::Tensor& grad, const at::Tensor& h, const at::Tensor& bias,
     c10::string_view activation, double p, const at::Tensor& seed) {
   check_bias_act_args(h, bias, &grad, c10::DeviceType::CUDA);
-  const Activation act = parse_activation(activation);
+  const Act act = parse_activation(activation);
   const DropoutParams d = make_dropout(p, seed, h);
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);

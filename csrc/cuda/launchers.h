@@ -20,10 +20,11 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "../activations.h"  // Act
+
 namespace rezero::cuda {
 
 enum class DType { kFloat32, kFloat64, kBFloat16, kFloat16 };
-enum class Activation { kIdentity, kRelu, kGelu, kGeluTanh };
 
 // p == 0: no dropout (seed is never read).  Otherwise element i (row-major) is kept iff
 // rezero::dropout_keep(i, seed[0], seed[1], dropout_threshold(p)) (../philox.h), and kept
@@ -48,14 +49,14 @@ cudaError_t residual_backward(DType dtype, void* grad_fx, void* grad_alpha, void
                               cudaStream_t stream);
 
 // y = dropout(act(h + bias));  bias has `channels` elements.
-cudaError_t bias_act_dropout_forward(DType dtype, Activation act, void* y, const void* h,
+cudaError_t bias_act_dropout_forward(DType dtype, Act act, void* y, const void* h,
                                      const void* bias, int64_t n, int64_t channels,
                                      DropoutParams dropout, cudaStream_t stream);
 
 // grad_h = grad * mask * scale * act'(h + bias);  grad_bias = column sums of grad_h.
 size_t bias_act_dropout_backward_workspace_bytes(DType dtype, int64_t n, int64_t channels,
                                                  int device);
-cudaError_t bias_act_dropout_backward(DType dtype, Activation act, void* grad_h, void* grad_bias,
+cudaError_t bias_act_dropout_backward(DType dtype, Act act, void* grad_h, void* grad_bias,
                                       void* workspace, const void* grad, const void* h,
                                       const void* bias, int64_t n, int64_t channels,
                                       DropoutParams dropout, cudaStream_t stream);

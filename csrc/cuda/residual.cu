@@ -2,7 +2,8 @@
 //   grad_fx = alpha * mask * scale * grad,  grad_alpha = sum(grad * mask * scale * fx)
 // (over everything for a 1-element alpha, per channel for a length-C alpha).  grad_x is grad
 // itself and never reaches this file.  The mask is regenerated from the seed, never stored.
-#include "common.cuh"
+#include "launch.cuh"  // launch_flat, launch_columns, with_bool
+#include "types.cuh"   // with_dtype, math_t
 
 namespace rezero::cuda {
 namespace {

@@ -1,8 +1,8 @@
 // The feed-forward epilogue on CPU: y = dropout(act(h + bias)), and its backward
 //   grad_h = grad * mask * scale * act'(h + bias),  grad_bias = column sums of grad_h.
-// Only h and bias are saved; the mask is regenerated from the seed.  Activations run on
-// at::vec vectors (std::erf / std::tanh would be scalar calls).  Bound to the op in
-// ../bias_act_dropout.cpp.
+// Only h and bias are saved; the mask is regenerated from the seed.  The activations (formulas
+// in ../../activations.h) run on at::vec vectors (std::erf / std::tanh would be scalar calls).
+// Bound to the op in ../bias_act_dropout.cpp.
 #include "variant.h"
 
 #include <type_traits>
@@ -16,28 +16,11 @@ namespace {
 
 // z[j] <- act(z[j]) (kGrad false) or act'(z[j]) (kGrad true), for j < n.
 template <Act kAct, bool kGrad, typename M>
-void activate(M* z, int64_t n) {
+void activate_in_place(M* z, int64_t n) {
   using V = at::vec::Vectorized<M>;
-  const V half(M(0.5)), one(M(1)), zero(M(0));
-  const V inv_sqrt2(M(0.70710678118654752440)), inv_sqrt_2pi(M(0.39894228040143267794));
-  const V k0(M(0.79788456080286535588)), k1(M(0.044715)), k1x3(M(3 * 0.044715));
   for (int64_t j = 0; j < n; j += V::size()) {
     const int64_t count = std::min<int64_t>(V::size(), n - j);
-    const V v = V::loadu(z + j, count);
-    V r;
-    if constexpr (kAct == Act::kIdentity) {
-      r = kGrad ? one : v;
-    } else if constexpr (kAct == Act::kRelu) {
-      r = kGrad ? V::blendv(zero, one, v > zero) : at::vec::maximum(v, zero);
-    } else if constexpr (kAct == Act::kGelu) {
-      const V cdf = half * (one + (v * inv_sqrt2).erf());
-      r = kGrad ? cdf + v * inv_sqrt_2pi * (v * v * V(M(-0.5))).exp() : v * cdf;
-    } else {
-      const V t = (k0 * (v + k1 * v * v * v)).tanh();
-      r = kGrad ? half * (one + t) + half * v * (one - t * t) * k0 * (one + k1x3 * v * v)
-                : half * v * (one + t);
-    }
-    r.store(z + j, count);
+    rezero::activate<kAct, kGrad>(V::loadu(z + j, count)).store(z + j, count);
   }
 }
 
@@ -97,7 +80,7 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
           add_bias_load_grad(z, gz, hs, bias + col + o, read_math(grad + i, gb, k), k);
         else
           add_bias(z, hs, bias + col + o, k);
-        activate<kAct, kGrad>(z, k);
+        activate_in_place<kAct, kGrad>(z, k);
         write_rounded<T, M>(out + i, k, [&](auto* dst) {
           using O = std::remove_pointer_t<decltype(dst)>;
           if constexpr (kGrad)
@@ -122,16 +105,10 @@ void run(at::Tensor& out, at::Tensor* grad_bias, const at::Tensor* grad, const a
     bool_dispatch(d.enabled, [&](auto dr) {
       constexpr bool kDrop = decltype(dr)::value;
       const T* gp = kGrad ? grad->data_ptr<T>() : nullptr;
-      auto go = [&](auto a) {
+      with_activation(act, [&](auto a) {
         kernel<T, decltype(a)::value, kDrop, kGrad>(out.data_ptr<T>(), partials.data(), gp,
                                                     h.data_ptr<T>(), bias.data_ptr<M>(), l, d);
-      };
-      switch (act) {
-        case Act::kIdentity: go(std::integral_constant<Act, Act::kIdentity>{}); break;
-        case Act::kRelu: go(std::integral_constant<Act, Act::kRelu>{}); break;
-        case Act::kGelu: go(std::integral_constant<Act, Act::kGelu>{}); break;
-        case Act::kGeluTanh: go(std::integral_constant<Act, Act::kGeluTanh>{}); break;
-      }
+      });
       return 0;
     });
     if constexpr (kGrad) sum_partials(partials, l.blocks, l.width, grad_bias->data_ptr<M>());

@@ -7,6 +7,7 @@
 
 #include <type_traits>
 
+#include "../../activations.h"
 #include "row_loop.h"  // kTile
 
 namespace rezero::cpu::CPU_CAPABILITY {
@@ -46,3 +47,20 @@ inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
 }
 
 }  // namespace rezero::cpu::CPU_CAPABILITY
+
+namespace rezero {
+
+// The primitives of activations.h's formulas on this variant's at::vec vectors (Sleef's erf,
+// exp and tanh in the wide variants).
+template <typename M>
+struct ActOps<at::vec::Vectorized<M>> {
+  using V = at::vec::Vectorized<M>;
+  static V constant(double c) { return V(static_cast<M>(c)); }
+  static V erf(V v) { return v.erf(); }
+  static V exp(V v) { return v.exp(); }
+  static V tanh(V v) { return v.tanh(); }
+  static V positive_part(V z) { return at::vec::maximum(z, V(M(0))); }
+  static V where_positive(V z, V a, V b) { return V::blendv(b, a, z > V(M(0))); }
+};
+
+}  // namespace rezero
