@@ -3,7 +3,8 @@
 // that the CUDA kernels (scalar float / double) and the CPU kernels (at::vec vectors) share it.
 // No torch headers: the CUDA launchers and kernels include it as well as op_checks.h.
 // A new activation is one line of REZERO_ACTIVATIONS and one branch of activate() (without it
-// the kernels do not compile), plus its torch op in rezero_fc.cpp (the composite path).
+// the kernels do not compile).  python_ref/activations.py lists the same activations, in the
+// same order, with the same "kept for backward".
 #pragma once
 #include <math.h>  // erff, expf, tanhf, ... in the global namespace, as CUDA names them
 
@@ -15,26 +16,38 @@
 
 namespace rezero {
 
-// X(enumerator, name) for each activation.  The order is the activation code the Python side
-// shares (identity 0, relu 1, gelu 2, gelu_tanh 3).
-#define REZERO_ACTIVATIONS(X) \
-  X(kIdentity, "identity")    \
-  X(kRelu, "relu")            \
-  X(kGelu, "gelu")            \
-  X(kGeluTanh, "gelu_tanh")
+// What the fused ops keep of an activation for its derivative: nothing (identity), its output
+// (act' is a function of act(z): relu' = 1 where relu(z) > 0), or its input z.
+enum class Kept { kNothing, kOutput, kInput };
 
-#define REZERO_ACT_ENUMERATOR(e, name) e,
+// X(enumerator, name, kept) for each activation.  The order is the activation code the Python
+// side shares (identity 0, relu 1, gelu 2, gelu_tanh 3).
+#define REZERO_ACTIVATIONS(X)                \
+  X(kIdentity, "identity", Kept::kNothing)   \
+  X(kRelu, "relu", Kept::kOutput)            \
+  X(kGelu, "gelu", Kept::kInput)             \
+  X(kGeluTanh, "gelu_tanh", Kept::kInput)
+
+#define REZERO_ACT_ENUMERATOR(e, name, kept) e,
 enum class Act { REZERO_ACTIVATIONS(REZERO_ACT_ENUMERATOR) };
 #undef REZERO_ACT_ENUMERATOR
 
+inline constexpr Kept kept_for_backward(Act act) {
+#define REZERO_ACT_KEPT(e, name, kept) \
+  if (act == Act::e) return kept;
+  REZERO_ACTIVATIONS(REZERO_ACT_KEPT)
+#undef REZERO_ACT_KEPT
+  return Kept::kInput;
+}
+
 // "identity, relu, gelu, gelu_tanh": the list ", identity, ..." past its first ", ".
-#define REZERO_ACT_LISTED(e, name) ", " name
+#define REZERO_ACT_LISTED(e, name, kept) ", " name
 inline constexpr const char* kActivationNames = REZERO_ACTIVATIONS(REZERO_ACT_LISTED) + 2;
 #undef REZERO_ACT_LISTED
 
 // false for an unknown name.
 inline bool lookup_activation(std::string_view name, Act* act) {
-#define REZERO_ACT_LOOKUP(e, n) \
+#define REZERO_ACT_LOOKUP(e, n, kept) \
   if (name == n) {              \
     *act = Act::e;              \
     return true;                \
@@ -48,7 +61,7 @@ inline bool lookup_activation(std::string_view name, Act* act) {
 template <class F>
 decltype(auto) with_activation(Act act, F&& f) {
   switch (act) {
-#define REZERO_ACT_CASE(e, name) \
+#define REZERO_ACT_CASE(e, name, kept) \
   case Act::e: return f(std::integral_constant<Act, Act::e>{});
     REZERO_ACTIVATIONS(REZERO_ACT_CASE)
 #undef REZERO_ACT_CASE
@@ -66,8 +79,8 @@ struct ActOps;
 template <class M>
 struct ScalarActOps {
   static REZERO_HOST_DEVICE M constant(double c) { return M(c); }
-  // NaN gives 0 (the CPU's at::vec::maximum keeps it, as torch.relu does).
-  static REZERO_HOST_DEVICE M positive_part(M z) { return z > M(0) ? z : M(0); }
+  // NaN stays NaN, as in torch.relu and the CPU's at::vec::maximum.
+  static REZERO_HOST_DEVICE M positive_part(M z) { return z < M(0) ? M(0) : z; }
   static REZERO_HOST_DEVICE M where_positive(M z, M a, M b) { return z > M(0) ? a : b; }
 };
 

@@ -3,10 +3,11 @@
 // its backward calls the matching *_backward op.  What each keeps for backward (never a dropout
 // mask: the seed regenerates it):
 //   residual          fx, alpha, seed              (not x: grad_x is grad itself)
-//   bias_act_dropout  h, bias, seed                (relu: its output y with a zero bias, since
-//                                                   y > 0 exactly where relu passes gradient)
+//   bias_act_dropout  h, bias, seed                (relu, whose kept_for_backward is its output:
+//                                                   y with a zero bias, since y > 0 exactly where
+//                                                   relu passes gradient)
 //   linear_residual   inp, weight, bias, alpha, seed  (not the GEMM output; linear_residual.cpp)
-//   rezero_fc         x, weight, alpha, seed and act(F) for relu, else F (rezero_fc.cpp)
+//   rezero_fc         x, weight, alpha, seed and act(F) or F (rezero_fc.cpp)
 // The *_backward ops are not differentiable: their Autograd kernels record a node that raises if
 // a second backward reaches it.  Inputs whose gradient nobody asked for are skipped
 // (needs_input_grad), down to the GEMMs of linear_residual's backward.
@@ -21,6 +22,7 @@
 #include <type_traits>
 
 #include "op_calls.h"
+#include "op_checks.h"
 
 namespace rezero {
 namespace {
@@ -78,7 +80,7 @@ struct BiasActFn : Function<BiasActFn> {
     at::Tensor y = impl.call(h, bias, activation, p, seed);
     ctx->saved_data["p"] = p;
     ctx->saved_data["activation"] = std::string(activation);
-    if (activation == "relu")
+    if (kept_for_backward(parse_activation(activation)) == Kept::kOutput)
       ctx->save_for_backward({y, at::zeros_like(bias), seed});
     else
       ctx->save_for_backward({h, bias, seed});

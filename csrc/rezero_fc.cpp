@@ -9,8 +9,9 @@
 //   grad_A = alpha * mask * scale * grad,   grad_alpha = sum(grad * mask * scale * A)  (residual)
 //   grad_F = act'(F) * grad_A,  grad_W = grad_F^T x,  grad_b = colsum(grad_F),
 //   grad_x = grad + grad_F W.
-// The op returns y and what backward needs of F: A for relu (relu' is A > 0, and it is the
-// residual's input), F itself for the other activations (A is recomputed from it).
+// The op returns y and what backward needs of F (kept_for_backward, csrc/activations.h): A where
+// act' is a function of A (identity, relu: A is also the residual's input), else F itself (A is
+// recomputed from it).
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,25 +26,18 @@ namespace {
 
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
 
-at::Tensor activate(const at::Tensor& f, Act act) {
-  switch (act) {
-    case Act::kIdentity: return f;
-    case Act::kRelu: return at::relu(f);
-    case Act::kGelu: return at::gelu(f);
-    case Act::kGeluTanh: return at::gelu(f, "tanh");
-  }
-  TORCH_CHECK(false, "unreachable");
+using BiasActSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double,
+                              const at::Tensor&);
+using BiasActBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                 c10::string_view, double, const at::Tensor&);
+
+// The activation and its backward are this library's bias_act_dropout ops with a zero bias and
+// no dropout, so that every activation's formula is csrc/activations.h's.
+at::Tensor zero_bias(const at::Tensor& like) {
+  return at::zeros({like.size(-1)}, like.options().dtype(math_type(like.scalar_type())));
 }
 
-at::Tensor activation_backward(const at::Tensor& grad, const at::Tensor& kept, Act act) {
-  switch (act) {
-    case Act::kIdentity: return grad;
-    case Act::kRelu: return at::threshold_backward(grad, kept, 0);
-    case Act::kGelu: return at::gelu_backward(grad, kept);
-    case Act::kGeluTanh: return at::gelu_backward(grad, kept, "tanh");
-  }
-  TORCH_CHECK(false, "unreachable");
-}
+at::Tensor no_seed(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kLong)); }
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && weight.size(0) == x.size(-1) &&
@@ -63,10 +57,12 @@ TensorPair rezero_fc(const at::Tensor& x, const at::Tensor& weight, const at::Te
       op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                     const at::Tensor&)>("rezero_kernels::residual");
   check_args(x, weight, bias);
+  static const auto activate = op<BiasActSig>("rezero_kernels::bias_act_dropout");
   const Act act = parse_activation(activation);
   const at::Tensor f = at::addmm(bias, as_matrix(x), weight.t()).view(x.sizes());
-  const at::Tensor a = activate(f, act);
-  return {residual.call(x, a, alpha, p, seed), act == Act::kRelu ? a : f};
+  const at::Tensor a =
+      act == Act::kIdentity ? f : activate.call(f, zero_bias(f), activation, 0.0, no_seed(f));
+  return {residual.call(x, a, alpha, p, seed), kept_for_backward(act) == Kept::kInput ? f : a};
 }
 
 // mask: which of (grad_x, grad_weight, grad_bias, grad_alpha) to compute.
@@ -77,18 +73,30 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> rezero_fc_backward(
   static const auto residual_backward =
       op<TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                     const at::Tensor&)>("rezero_kernels::residual_backward");
+  static const auto activate = op<BiasActSig>("rezero_kernels::bias_act_dropout");
+  static const auto activate_backward =
+      op<BiasActBwdSig>("rezero_kernels::bias_act_dropout_backward");
   const Act act = parse_activation(activation);
   TORCH_CHECK(grad.sizes().equals(x.sizes()) && kept.sizes().equals(x.sizes()),
               "grad and the kept tensor must have x's shape ", x.sizes());
-  const at::Tensor a = act == Act::kRelu || act == Act::kIdentity ? kept : activate(kept, act);
+  const bool kept_input = kept_for_backward(act) == Kept::kInput;
+  const at::Tensor zero = act == Act::kIdentity ? at::Tensor() : zero_bias(kept);
+  const at::Tensor a =
+      kept_input ? activate.call(kept, zero, activation, 0.0, no_seed(kept)) : kept;
   at::Tensor grad_x, grad_weight, grad_bias, grad_alpha;
   auto [grad_a, ga] = residual_backward.call(grad, a, alpha, p, seed);
   if (mask[3]) grad_alpha = ga;
   if (!(mask[0] || mask[1] || mask[2])) return {grad_x, grad_weight, grad_bias, grad_alpha};
-  const at::Tensor grad_f = as_matrix(activation_backward(grad_a, kept, act));
+  // grad_F = act'(F) grad_A, and its column sums (the bias gradient) in the same pass
+  at::Tensor grad_f = grad_a, column_sums;
+  if (act != Act::kIdentity)
+    std::tie(grad_f, column_sums) =
+        activate_backward.call(grad_a, kept, zero, activation, 0.0, no_seed(kept));
+  grad_f = as_matrix(grad_f);
   if (mask[0]) grad_x = at::addmm(as_matrix(grad), grad_f, weight).view(x.sizes());
   if (mask[1]) grad_weight = at::mm(grad_f.t(), as_matrix(x));
-  if (mask[2]) grad_bias = grad_f.sum(0);
+  if (mask[2])
+    grad_bias = column_sums.defined() ? column_sums.to(weight.scalar_type()) : grad_f.sum(0);
   return {grad_x, grad_weight, grad_bias, grad_alpha};
 }
 
