@@ -27,7 +27,7 @@ each of ``--thresholds`` and the lowest threshold (a multiple of 0.05) that ever
 learns at all reaches, the held-out BPB at fixed iterations, and the best held-out BPB.  Runs
 are cached under ``--runs-dir`` (one JSON per run), so an interrupted reproduction resumes.
 
-    python bench/reproduce_lm_convergence.py            # full (about 1.5 hours on two cores)
+    python bench/reproduce_lm_convergence.py            # full (about 75 minutes on two cores)
     python bench/reproduce_lm_convergence.py --smoke    # seconds
 """
 from __future__ import annotations
@@ -83,7 +83,8 @@ def parse_args(argv=None):
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-3, help="the learning rate shared by all")
-    p.add_argument("--lrs", type=_floats, default=[1e-3, 2e-3, 4e-3], help="the sweep's rates")
+    p.add_argument("--lrs", type=_floats, default=[1e-3, 2e-3, 4e-3, 8e-3],
+                   help="the sweep's rates")
     p.add_argument("--warmup", type=int, default=200, help="warm-up steps of the warm-up variant")
     p.add_argument("--max-iters", type=int, default=3000)
     p.add_argument("--sweep-iters", type=int, default=1500)
