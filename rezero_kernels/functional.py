@@ -60,7 +60,7 @@ def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, backend="auto"):
 def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, backend="auto"):
     """``dropout(act(h + bias))``: the epilogue of a feed-forward block's first GEMM.
 
-    ``activation`` is one of ``"relu"``, ``"gelu"`` (erf), ``"gelu_tanh"`` or ``"identity"``.
+    ``activation`` is a name of ``python_ref.ACTIVATIONS`` (python_ref/activations.py).
     """
     fast = dispatch.fast_path(backend, h)
     if fast is not None:
