@@ -21,12 +21,13 @@ namespace rezero {
 enum class Kept { kNothing, kOutput, kInput };
 
 // X(enumerator, name, kept) for each activation.  The order is the activation code the Python
-// side shares (identity 0, relu 1, gelu 2, gelu_tanh 3).
-#define REZERO_ACTIVATIONS(X)                \
-  X(kIdentity, "identity", Kept::kNothing)   \
-  X(kRelu, "relu", Kept::kOutput)            \
-  X(kGelu, "gelu", Kept::kInput)             \
-  X(kGeluTanh, "gelu_tanh", Kept::kInput)
+// side shares (identity 0, relu 1, gelu 2, gelu_tanh 3, silu 4).
+#define REZERO_ACTIVATIONS(X)              \
+  X(kIdentity, "identity", Kept::kNothing) \
+  X(kRelu, "relu", Kept::kOutput)          \
+  X(kGelu, "gelu", Kept::kInput)           \
+  X(kGeluTanh, "gelu_tanh", Kept::kInput)  \
+  X(kSilu, "silu", Kept::kInput)
 
 #define REZERO_ACT_ENUMERATOR(e, name, kept) e,
 enum class Act { REZERO_ACTIVATIONS(REZERO_ACT_ENUMERATOR) };
@@ -125,6 +126,10 @@ REZERO_HOST_DEVICE V activate(V z) {
     return kGrad ? half * (one + t) +
                        half * z * (one - t * t) * k0 * (one + O::constant(3) * k1 * z * z)
                  : half * z * (one + t);
+  } else if constexpr (kAct == Act::kSilu) {
+    // z s, s = 1 / (1 + exp(-z));  s (1 + z (1 - s))  (torch's silu / silu_backward)
+    const V s = one / (one + O::exp(O::constant(0) - z));
+    return kGrad ? s * (one + z * (one - s)) : z * s;
   } else {
     static_assert(kNoFormula<kAct>, "an activation of REZERO_ACTIVATIONS has no formula");
   }

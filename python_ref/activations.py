@@ -26,6 +26,7 @@ TABLE = (
     Activation("relu", F.relu, "output"),
     Activation("gelu", F.gelu, "input"),
     Activation("gelu_tanh", lambda t: F.gelu(t, approximate="tanh"), "input"),
+    Activation("silu", F.silu, "input"),
 )
 ACTIVATIONS = tuple(a.name for a in TABLE)
 _BY_NAME = {a.name: a for a in TABLE}

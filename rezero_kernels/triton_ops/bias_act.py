@@ -2,7 +2,7 @@
 epilogue shares.
 
 Activations are chosen by the constexpr ``ACT``, the activation's code in python_ref's table
-(0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh); a code without a formula here fails to compile.
+(0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu); a code without a formula here fails to compile.
 Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
 ``dbias = sum_rows(dz)`` from fp32 per-group partials summed in a fixed order (deterministic,
 no atomics).  What is kept for backward:
@@ -45,6 +45,8 @@ def activation(z, ACT: tl.constexpr):
         y = 0.5 * z * (1.0 + tl.math.erf(z * 0.7071067811865476))
     elif ACT == 3:
         y = z * _tanh_gate(z)
+    elif ACT == 4:
+        y = z / (1.0 + tl.exp(-z))
     else:
         tl.static_assert(False, "activation code without a Triton formula (bias_act.py)")
     return y
@@ -63,6 +65,9 @@ def activation_grad(z, ACT: tl.constexpr):
     elif ACT == 3:
         s = _tanh_gate(z)
         g = s + 1.5957691216057308 * z * s * (1.0 - s) * (1.0 + 0.134145 * z * z)
+    elif ACT == 4:
+        s = 1.0 / (1.0 + tl.exp(-z))
+        g = s * (1.0 + z * (1.0 - s))
     else:
         tl.static_assert(False, "activation code without a Triton derivative (bias_act.py)")
     return g
