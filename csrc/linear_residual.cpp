@@ -8,6 +8,10 @@
 //   grad_weight = alpha * G (alpha per output row),   grad_inp = dy' @ (alpha * weight),
 //   grad_bias   = alpha * colsum(dy'),                grad_alpha = rowsum(weight * G) + bias * colsum(dy')
 // (summed over rows for a scalar alpha).  So only inp, weight, bias, alpha and the seed are kept.
+// With a scalar alpha and few rows (M rows against N outputs and K inputs), the weight-sized
+// (N x K) products above cost more than the GEMMs; then, with H = dy' @ weight (M x K),
+//   grad_weight = (alpha dy')^T inp,   grad_inp = alpha H,   grad_alpha = sum(H * inp) + bias . colsum(dy'),
+// the same quantities from row-sized (M x N, M x K) products.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -81,21 +85,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backw
     const at::Tensor& bias, const at::Tensor& alpha, double p, const at::Tensor& seed,
     std::array<bool, 4> mask) {
   check_args(grad, inp, weight, bias);
-  const int64_t n_out = weight.size(0);
+  const int64_t n_out = weight.size(0), n_in = weight.size(1);
   auto [dy, colsum] = dropout_grad_op(grad, p, seed, at::zeros({n_out}, alpha.options()));
   const at::Tensor dy2 = as_matrix(dy).to(weight.scalar_type());
-  const at::Tensor alpha_rows = alpha.view({-1, 1});
-  at::Tensor grad_inp, grad_weight, grad_bias, grad_alpha, g;
-  if (mask[1] || mask[3]) g = mm_math(dy2.t(), as_matrix(inp));  // (out, in), math type
-  if (mask[0])
-    grad_inp = at::mm(dy2, (weight * alpha_rows).to(weight.scalar_type())).view(inp.sizes());
-  if (mask[1]) grad_weight = (g * alpha_rows).to(weight.scalar_type());
+  const at::Tensor inp2 = as_matrix(inp);
+  const auto dtype = weight.scalar_type(), math = alpha.scalar_type();
+  at::Tensor grad_inp, grad_weight, grad_bias, grad_alpha;
   if (mask[2]) grad_bias = (colsum * alpha).to(bias.scalar_type());
+  const int64_t rows = dy2.size(0);
+  if (alpha.numel() == 1 && rows * (n_out + 2 * n_in) < 3 * n_out * n_in) {  // few rows
+    if (mask[1]) grad_weight = at::mm((dy2 * alpha).to(dtype).t(), inp2);
+    if (mask[0] || mask[3]) {
+      const at::Tensor h = mm_math(dy2, weight);  // (rows, in), math type
+      if (mask[0]) grad_inp = (h * alpha).to(dtype).view(inp.sizes());
+      if (mask[3])
+        grad_alpha = (at::dot(h.view(-1), inp2.to(math).reshape(-1)) +
+                      at::dot(bias.to(math), colsum))
+                         .reshape({1});
+    }
+    return {grad_inp, grad_weight, grad_bias, grad_alpha};
+  }
+  const at::Tensor alpha_rows = alpha.view({-1, 1});
+  at::Tensor g;
+  if (mask[1] || mask[3]) g = mm_math(dy2.t(), inp2);  // (out, in), math type
+  if (mask[0]) grad_inp = at::mm(dy2, (weight * alpha_rows).to(dtype)).view(inp.sizes());
   if (mask[3]) {
-    const at::Tensor per_row = (weight.to(alpha.scalar_type()) * g).sum(1) +
-                               bias.to(alpha.scalar_type()) * colsum;
+    const at::Tensor per_row = (weight.to(math) * g).sum(1) + bias.to(math) * colsum;
     grad_alpha = alpha.numel() == 1 ? per_row.sum().reshape({1}) : per_row;
   }
+  if (mask[1]) grad_weight = (g * alpha_rows).to(dtype);
   return {grad_inp, grad_weight, grad_bias, grad_alpha};
 }
 
