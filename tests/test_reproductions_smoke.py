@@ -51,6 +51,12 @@ def test_fc_convergence_smoke(run_script):
     _check_outputs(out, "fc_convergence", 4)
 
 
+@pytest.mark.skipif(not _has("sklearn"), reason="needs scikit-learn (digits data)")
+def test_deep_fc_smoke(run_script):
+    out = run_script("reproduce_deep_fc")
+    _check_outputs(out, "deep_fc", 3)
+
+
 @pytest.mark.skipif(not _has("gensim"), reason="needs gensim (ships the Wikipedia excerpt)")
 def test_lm_convergence_smoke(run_script):
     out = run_script("reproduce_lm_convergence")
