@@ -37,9 +37,8 @@ double probability(py::handle p, py::handle training) {
 // [key, counter_base] from torch's generator for the data's device; without dropout an empty
 // tensor (no memory, never read).
 at::Tensor new_seed(double p, const at::Tensor& like) {
-  const auto options = like.options().dtype(at::kLong);
-  if (p == 0.0) return at::empty({0}, options);
-  return at::randint(0, int64_t{1} << 62, {2}, options);
+  if (p == 0.0) return no_seed(like);
+  return at::randint(0, int64_t{1} << 62, {2}, like.options().dtype(at::kLong));
 }
 
 // A gate or bias vector for data of type `data_type` with `channels` channels on `device`, in
@@ -101,9 +100,8 @@ py::object bias_act_dropout(py::handle h_, py::handle bias_, py::handle activati
   if (!h || p < 0 || !activation_of(activation, &act) || !is_data(*h) || h->dim() == 0 ||
       !on_supported_device(*h))
     return py::none();
-  const at::Tensor bias = bias_.is_none()
-                              ? at::zeros({channels_of(*h)}, h->options().dtype(math_type(h->scalar_type())))
-                              : vector_for(tensor(bias_), *h, /*allow_scalar=*/false);
+  const at::Tensor bias =
+      bias_.is_none() ? zero_bias(*h) : vector_for(tensor(bias_), *h, /*allow_scalar=*/false);
   if (!bias.defined()) return py::none();
   return wrap(call_bias_act(*h, bias, act, p));
 }

@@ -86,7 +86,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backw
     std::array<bool, 4> mask) {
   check_args(grad, inp, weight, bias);
   const int64_t n_out = weight.size(0), n_in = weight.size(1);
-  auto [dy, colsum] = dropout_grad_op(grad, p, seed, at::zeros({n_out}, alpha.options()));
+  auto [dy, colsum] = dropout_grad_op(grad, p, seed, zero_bias(grad));
   const at::Tensor dy2 = as_matrix(dy).to(weight.scalar_type());
   const at::Tensor inp2 = as_matrix(inp);
   const auto dtype = weight.scalar_type(), math = alpha.scalar_type();

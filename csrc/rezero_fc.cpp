@@ -1,9 +1,12 @@
 // rezero_fc: y = x + alpha * dropout(act(x @ weight^T + bias)), the ReZero fully connected
 // block (the paper's deep FC nets) as one op, device-generic.  A deep narrow net is all host
 // time: eager spends four autograd nodes and about eleven kernels per block, this op one node
-// and eight kernels (forward: the GEMM with the bias, the activation, the fused residual with
-// dropout; backward: the fused residual backward, the activation backward, the weight GEMM, the
-// bias sum, and the input GEMM that adds grad itself: grad_x = grad + grad_F @ W).
+// and seven kernels (forward: the GEMM with the bias, the activation, the fused residual with
+// dropout; backward: the fused residual backward, the activation backward with the bias
+// gradient's column sums, the weight GEMM, and the input GEMM that adds grad itself:
+// grad_x = grad + grad_F @ W).  The activation and its backward are this library's
+// bias_act_dropout ops with a zero bias and no dropout, so every activation's formula is
+// csrc/activations.h's.
 //
 // With F = x W^T + b and A = act(F):
 //   grad_A = alpha * mask * scale * grad,   grad_alpha = sum(grad * mask * scale * A)  (residual)
@@ -30,14 +33,6 @@ using BiasActSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_
                               const at::Tensor&);
 using BiasActBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                  c10::string_view, double, const at::Tensor&);
-
-// The activation and its backward are this library's bias_act_dropout ops with a zero bias and
-// no dropout, so that every activation's formula is csrc/activations.h's.
-at::Tensor zero_bias(const at::Tensor& like) {
-  return at::zeros({like.size(-1)}, like.options().dtype(math_type(like.scalar_type())));
-}
-
-at::Tensor no_seed(const at::Tensor& like) { return at::empty({0}, like.options().dtype(at::kLong)); }
 
 void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
   TORCH_CHECK(x.dim() >= 1 && weight.dim() == 2 && weight.size(0) == x.size(-1) &&

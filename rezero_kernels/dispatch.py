@@ -38,9 +38,10 @@ def _extension_missing() -> Optional[str]:
 
 
 def _cuda_missing() -> Optional[str]:
+    why = _extension_missing()
+    if why is not None:
+        return why
     from . import extension
-    if extension.load_error() is not None:
-        return extension.load_error()
     return None if extension.has_cuda() else "the extension has no CUDA kernels or no GPU is visible"
 
 
