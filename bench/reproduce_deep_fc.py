@@ -69,9 +69,7 @@ def evaluate(net, x, y, chunk: int = 512):
 
 def run(kind, steps, x, y, args):
     torch.manual_seed(args.seed)
-    built = time.perf_counter()
     net = common.make_fc_net(kind, args.depth, args.width, x.shape[1], 10, args.backend)
-    built = time.perf_counter() - built
     opt = torch.optim.Adagrad(net.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(args.seed)
     start_loss, start_acc = evaluate(net, x, y)
@@ -90,7 +88,7 @@ def run(kind, steps, x, y, args):
             break
     end_loss, end_acc = evaluate(net, x, y)
     return {"losses": losses, "times": times, "start": (start_loss, start_acc),
-            "end": (end_loss, end_acc), "build_s": built}
+            "end": (end_loss, end_acc)}
 
 
 def outcome(res) -> str:

@@ -10,7 +10,8 @@
 // (summed over rows for a scalar alpha).  So only inp, weight, bias, alpha and the seed are kept.
 // With a scalar alpha and few rows (M rows against N outputs and K inputs), the weight-sized
 // (N x K) products above cost more than the GEMMs; then, with H = dy' @ weight (M x K),
-//   grad_weight = (alpha dy')^T inp,   grad_inp = alpha H,   grad_alpha = sum(H * inp) + bias . colsum(dy'),
+//   grad_weight = (alpha dy')^T inp,   grad_inp = alpha H,
+//   grad_alpha = sum(H * inp) + bias . colsum(dy'),
 // the same quantities from row-sized (M x N, M x K) products.
 #include <ATen/ATen.h>
 #include <torch/library.h>

@@ -4,6 +4,6 @@ from .functional import (bias_act_dropout, linear_bias_act_dropout, rezero_fc,
                          rezero_linear, rezero_residual)
 from .transformer import RZTXDecoderLayer, RZTXEncoderLayer, causal_mask
 
-__all__ = ["ACTIVATIONS", "bias_act_dropout", "linear_bias_act_dropout", "rezero_fc", "rezero_linear",
-           "rezero_residual",
-           "RZTXEncoderLayer", "RZTXDecoderLayer", "causal_mask"]
+__all__ = ["ACTIVATIONS", "bias_act_dropout", "linear_bias_act_dropout", "rezero_fc",
+           "rezero_linear", "rezero_residual", "RZTXEncoderLayer", "RZTXDecoderLayer",
+           "causal_mask"]

@@ -42,7 +42,9 @@ def _cuda_missing() -> Optional[str]:
     if why is not None:
         return why
     from . import extension
-    return None if extension.has_cuda() else "the extension has no CUDA kernels or no GPU is visible"
+    if extension.has_cuda():
+        return None
+    return "the extension has no CUDA kernels or no GPU is visible"
 
 
 def _triton_missing() -> Optional[str]:

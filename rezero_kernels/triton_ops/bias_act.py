@@ -2,8 +2,8 @@
 epilogue shares.
 
 Activations are chosen by the constexpr ``ACT``, the activation's code in python_ref's table
-(0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu); a code without a formula here fails to compile.
-Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
+(0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu); a code without a formula here fails to
+compile.  Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
 ``dbias = sum_rows(dz)`` from fp32 per-group partials summed in a fixed order (deterministic,
 no atomics).  What is kept for backward:
   relu      the output y only: y > 0 exactly where the gradient flows (kept and h + bias > 0),
