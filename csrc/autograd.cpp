@@ -1,22 +1,29 @@
 // Autograd for the ops, in C++ (the Autograd dispatch key), so that a training step pays no
-// Python on the way forward or back.  Each forward op runs below autograd and records one node;
-// its backward calls the matching *_backward op.  What each keeps for backward (never a dropout
-// mask: the seed regenerates it):
+// Python on the way forward or back.  Each forward op runs below autograd and, when an input
+// requires grad, records one node, written out as torch's generated nodes are (a Node subclass
+// with its saved variables as members: a torch::autograd::Function costs about twice the host
+// time per op); its apply calls the matching *_backward op.  What each keeps for backward
+// (never a dropout mask: the seed regenerates it):
 //   residual          fx, alpha, seed              (not x: grad_x is grad itself)
 //   bias_act_dropout  h, bias, seed                (relu, whose kept_for_backward is its output:
-//                                                   y with a zero bias, since y > 0 exactly where
+//                                                   y and no bias, since y > 0 exactly where
 //                                                   relu passes gradient)
 //   linear_residual   inp, weight, bias, alpha, seed  (not the GEMM output; linear_residual.cpp)
-//   rezero_fc         x, weight, alpha, seed and act(F) or F (rezero_fc.cpp)
+//   rezero_fc         x, weight, bias, alpha, seed and act(F) or the GEMM output (rezero_fc.cpp)
 // The *_backward ops are not differentiable: their Autograd kernels record a node that raises if
 // a second backward reaches it.  Inputs whose gradient nobody asked for are skipped
-// (needs_input_grad), down to the GEMMs of linear_residual's backward.
+// (task_should_compute_output, passed on as output_mask): the GEMMs of linear_residual's and
+// rezero_fc's backward, and the reductions behind grad_alpha and grad_bias.
 #include <ATen/ATen.h>
 #include <ATen/FuncTorchTLS.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/library.h>
 
+#include <array>
+#include <memory>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -29,107 +36,35 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::Function;
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
-using TensorPair = std::tuple<at::Tensor, at::Tensor>;
-using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-using ResidualSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                               const at::Tensor&);
-using ResidualBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                  const at::Tensor&);
-using BiasActSig = at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double,
-                              const at::Tensor&);
-using BiasActBwdSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                 c10::string_view, double, const at::Tensor&);
-using LinearSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                             const at::Tensor&, const at::Tensor&, double, const at::Tensor&);
-using LinearBwdSig = TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                                const at::Tensor&, const at::Tensor&, double, const at::Tensor&,
-                                std::array<bool, 4>);
+// --- recording a node ------------------------------------------------------------------------
 
-// --- residual: y = x + alpha * dropout(fx) ------------------------------------------------
+// Nodes are owned by std::shared_ptr in torch 2.11 and by c10::intrusive_ptr in torch 2.13; an
+// Edge holds whichever this torch uses.
+using NodeOwner = decltype(torch::autograd::Edge::function);
 
-struct ResidualFn : Function<ResidualFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& fx,
-                            const at::Tensor& alpha, double p, const at::Tensor& seed) {
-    static const auto impl = op<ResidualSig>("rezero_kernels::residual");
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->saved_data["p"] = p;
-    ctx->save_for_backward({fx, alpha, seed});
-    return impl.call(x, fx, alpha, p, seed);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto impl = op<ResidualBwdSig>("rezero_kernels::residual_backward");
-    const auto saved = ctx->get_saved_variables();
-    at::Tensor grad = grads[0].contiguous(), grad_fx, grad_alpha;
-    if (ctx->needs_input_grad(1) || ctx->needs_input_grad(2))
-      std::tie(grad_fx, grad_alpha) =
-          impl.call(grad, saved[0], saved[1], ctx->saved_data["p"].toDouble(), saved[2]);
-    return {ctx->needs_input_grad(0) ? grad : at::Tensor(), grad_fx, grad_alpha, at::Tensor(),
-            at::Tensor()};
-  }
-};
+// deleteNode (torch 2.11) frees a long chain of nodes without deep recursion: a 10,000-layer
+// net is such a chain.  Looked up only when instantiated, so torch 2.13 never needs it.
+template <class N>
+void delete_node(N* node) {
+  deleteNode(node);
+}
 
-// --- bias_act_dropout: y = dropout(act(h + bias)) -----------------------------------------
+template <class N>
+auto make_node() {
+  if constexpr (std::is_same_v<NodeOwner, std::shared_ptr<Node>>)
+    return std::shared_ptr<N>(new N(), &delete_node<N>);
+  else
+    return c10::make_intrusive<N>();
+}
 
-struct BiasActFn : Function<BiasActFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& bias,
-                            c10::string_view activation, double p, const at::Tensor& seed) {
-    static const auto impl = op<BiasActSig>("rezero_kernels::bias_act_dropout");
-    at::AutoDispatchBelowADInplaceOrView below;
-    at::Tensor y = impl.call(h, bias, activation, p, seed);
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["activation"] = std::string(activation);
-    if (kept_for_backward(parse_activation(activation)) == Kept::kOutput)
-      ctx->save_for_backward({y, at::zeros_like(bias), seed});
-    else
-      ctx->save_for_backward({h, bias, seed});
-    return y;
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto impl = op<BiasActBwdSig>("rezero_kernels::bias_act_dropout_backward");
-    const auto saved = ctx->get_saved_variables();
-    auto [grad_h, grad_bias] =
-        impl.call(grads[0].contiguous(), saved[0], saved[1],
-                  ctx->saved_data["activation"].toStringRef(), ctx->saved_data["p"].toDouble(),
-                  saved[2]);
-    return {ctx->needs_input_grad(0) ? grad_h : at::Tensor(),
-            ctx->needs_input_grad(1) ? grad_bias : at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor()};
-  }
-};
-
-// --- linear_residual: y = x + alpha * dropout(inp @ weight^T + bias) ----------------------
-
-struct LinearFn : Function<LinearFn> {
-  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& inp,
-                            const at::Tensor& weight, const at::Tensor& bias,
-                            const at::Tensor& alpha, double p, const at::Tensor& seed) {
-    static const auto impl = op<LinearSig>("rezero_kernels::linear_residual");
-    at::AutoDispatchBelowADInplaceOrView below;
-    ctx->saved_data["p"] = p;
-    ctx->save_for_backward({inp, weight, bias, alpha, seed});
-    return impl.call(x, inp, weight, bias, alpha, p, seed);
-  }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto impl = op<LinearBwdSig>("rezero_kernels::linear_residual_backward");
-    const auto s = ctx->get_saved_variables();
-    const at::Tensor grad = grads[0].contiguous();
-    const std::array<bool, 4> mask = {ctx->needs_input_grad(1), ctx->needs_input_grad(2),
-                                      ctx->needs_input_grad(3), ctx->needs_input_grad(4)};
-    at::Tensor gi, gw, gb, ga;
-    if (mask[0] || mask[1] || mask[2] || mask[3])
-      std::tie(gi, gw, gb, ga) =
-          impl.call(grad, s[0], s[1], s[2], s[3], ctx->saved_data["p"].toDouble(), s[4], mask);
-    return {ctx->needs_input_grad(0) ? grad : at::Tensor(), gi, gw, gb, ga, at::Tensor(),
-            at::Tensor()};
-  }
-};
-
-// torch.func's grad/vjp/jvp cannot differentiate through a C++ autograd Function; say so in
-// our terms (torch's own message names neither the op nor a way out).  vmap alone is fine.
-template <class Fn, class... Args>
-auto apply(const Args&... args) {
+// torch.func's grad/vjp/jvp and forward-mode AD cannot differentiate through these nodes; say so
+// in our terms (torch's own message names neither the op nor a way out).  vmap alone is fine.
+template <class... Tensors>
+void check_differentiable_here(const Tensors&... inputs) {
   if (const auto& functorch = at::functorch::functorchTLSAccessor()) {
     try {
       functorch->checkSupportsCppAutogradFunction();
@@ -140,66 +75,215 @@ auto apply(const Args&... args) {
                                   "ops; use backend='torch' inside them");
     }
   }
-  return Fn::apply(args...);
+  TORCH_CHECK_NOT_IMPLEMENTED(!(torch::autograd::isFwGradDefined(inputs) || ...),
+                              "rezero_kernels: forward-mode AD (dual tensors) is not implemented "
+                              "for the fused ops; use backend='torch' for it");
 }
 
-// --- rezero_fc: y = x + alpha * dropout(act(x @ weight^T + bias)) -----------------------
+// A node for `out` with an edge to each of `inputs` (an undefined tensor: an absent optional
+// input, whose edge is empty), or nullptr when none requires grad (or grad mode is off).
+template <class N, class... Inputs>
+auto record(const at::Tensor& out, const Inputs&... inputs) -> decltype(make_node<N>()) {
+  if (!torch::autograd::compute_requires_grad(inputs...)) return nullptr;
+  auto node = make_node<N>();
+  node->set_next_edges(torch::autograd::collect_next_edges(inputs...));
+  torch::autograd::set_history(out, node);
+  return node;
+}
 
-using FcSig = TensorPair(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                         const at::Tensor&, c10::string_view, double, const at::Tensor&);
-using FcBwdSig = TensorQuad(const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                            const at::Tensor&, const at::Tensor&, c10::string_view, double,
-                            const at::Tensor&, std::array<bool, 4>);
+at::Tensor or_undefined(const OptTensor& t) { return present(t) ? *t : at::Tensor(); }
 
-struct FcFn : Function<FcFn> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
-                               const at::Tensor& bias, const at::Tensor& alpha,
-                               c10::string_view activation, double p, const at::Tensor& seed) {
-    static const auto impl = op<FcSig>("rezero_kernels::rezero_fc");
-    at::AutoDispatchBelowADInplaceOrView below;
-    auto [y, kept] = impl.call(x, weight, bias, alpha, activation, p, seed);
-    ctx->saved_data["p"] = p;
-    ctx->saved_data["activation"] = std::string(activation);
-    ctx->save_for_backward({x, weight, alpha, kept, seed});
-    ctx->mark_non_differentiable({kept});
-    return {y, kept};
+// The undefined tensor, for an input whose gradient is not computed.
+at::Tensor if_wanted(bool wanted, const at::Tensor& grad) { return wanted ? grad : at::Tensor(); }
+
+// --- residual: y = x + alpha * dropout(fx) ------------------------------------------------
+
+struct ResidualBackward : Node {  // edges: x, fx, alpha
+  SavedVariable fx, alpha, seed;
+  double p = 0.0;
+
+  variable_list apply(variable_list&& grads) override {
+    const auto& impl = ops::residual_backward();
+    if (!grads[0].defined()) return variable_list(3);
+    const at::Tensor grad = grads[0].contiguous();
+    const Mask2 mask = {task_should_compute_output(1), task_should_compute_output(2)};
+    at::Tensor grad_fx, grad_alpha;
+    if (mask[0] || mask[1])
+      std::tie(grad_fx, grad_alpha) =
+          impl.call(grad, fx.unpack(), alpha.unpack(), p, seed.unpack(), mask);
+    return {if_wanted(task_should_compute_output(0), grad), grad_fx, grad_alpha};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto impl = op<FcBwdSig>("rezero_kernels::rezero_fc_backward");
-    const auto s = ctx->get_saved_variables();
-    const std::array<bool, 4> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1),
-                                      ctx->needs_input_grad(2), ctx->needs_input_grad(3)};
-    at::Tensor gx, gw, gb, ga;
-    if (mask[0] || mask[1] || mask[2] || mask[3])
-      std::tie(gx, gw, gb, ga) =
-          impl.call(grads[0].contiguous(), s[0], s[1], s[2], s[3],
-                    ctx->saved_data["activation"].toStringRef(), ctx->saved_data["p"].toDouble(),
-                    s[4], mask);
-    return {gx, gw, gb, ga, at::Tensor(), at::Tensor(), at::Tensor()};
+  std::string name() const override { return "rezero_kernels::ResidualBackward"; }
+  void release_variables() override {
+    fx.reset_data();
+    alpha.reset_data();
+    seed.reset_data();
   }
 };
 
 at::Tensor residual_autograd(const at::Tensor& x, const at::Tensor& fx, const at::Tensor& alpha,
                              double p, const at::Tensor& seed) {
-  return apply<ResidualFn>(x, fx, alpha, p, seed);
+  const auto& impl = ops::residual();
+    check_differentiable_here(x, fx, alpha);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    y = impl.call(x, fx, alpha, p, seed);
+  }
+  if (auto node = record<ResidualBackward>(y, x, fx, alpha)) {
+    node->fx = SavedVariable(fx, false);
+    node->alpha = SavedVariable(alpha, false);
+    node->seed = SavedVariable(seed, false);
+    node->p = p;
+  }
+  return y;
 }
 
-at::Tensor bias_act_autograd(const at::Tensor& h, const at::Tensor& bias,
+// --- bias_act_dropout: y = dropout(act(h + bias)) -----------------------------------------
+
+struct BiasActBackward : Node {  // edges: h, bias (empty without one)
+  SavedVariable kept, bias, seed;  // kept: h, or y when act' is a function of the output
+  std::string activation;
+  double p = 0.0;
+
+  variable_list apply(variable_list&& grads) override {
+    const auto& impl = ops::bias_act_dropout_backward();
+    if (!grads[0].defined()) return variable_list(2);
+    const Mask2 mask = {task_should_compute_output(0), task_should_compute_output(1)};
+    at::Tensor grad_h, grad_bias;
+    if (mask[0] || mask[1])
+      std::tie(grad_h, grad_bias) = impl.call(grads[0].contiguous(), kept.unpack(getptr()),
+                                              bias.unpack(), activation, p, seed.unpack(), mask);
+    return {grad_h, grad_bias};
+  }
+  std::string name() const override { return "rezero_kernels::BiasActDropoutBackward"; }
+  void release_variables() override {
+    kept.reset_data();
+    bias.reset_data();
+    seed.reset_data();
+  }
+};
+
+at::Tensor bias_act_autograd(const at::Tensor& h, const OptTensor& bias,
                              c10::string_view activation, double p, const at::Tensor& seed) {
-  return apply<BiasActFn>(h, bias, activation, p, seed);
+  const auto& impl = ops::bias_act_dropout();
+    check_differentiable_here(h, bias);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    y = impl.call(h, bias, activation, p, seed);
+  }
+  if (auto node = record<BiasActBackward>(y, h, or_undefined(bias))) {
+    const bool keep_output = kept_for_backward(parse_activation(activation)) == Kept::kOutput;
+    node->kept = keep_output ? SavedVariable(y, true) : SavedVariable(h, false);
+    node->bias = SavedVariable(keep_output ? at::Tensor() : or_undefined(bias), false);
+    node->seed = SavedVariable(seed, false);
+    node->activation = std::string(activation);
+    node->p = p;
+  }
+  return y;
 }
+
+// --- linear_residual: y = x + alpha * dropout(inp @ weight^T + bias) ----------------------
+
+struct LinearBackward : Node {  // edges: x, inp, weight, bias, alpha
+  SavedVariable inp, weight, bias, alpha, seed;
+  double p = 0.0;
+
+  variable_list apply(variable_list&& grads) override {
+    const auto& impl = ops::linear_residual_backward();
+    if (!grads[0].defined()) return variable_list(5);
+    const at::Tensor grad = grads[0].contiguous();
+    const Mask4 mask = {task_should_compute_output(1), task_should_compute_output(2),
+                        task_should_compute_output(3), task_should_compute_output(4)};
+    at::Tensor gi, gw, gb, ga;
+    if (mask[0] || mask[1] || mask[2] || mask[3])
+      std::tie(gi, gw, gb, ga) = impl.call(grad, inp.unpack(), weight.unpack(), bias.unpack(),
+                                           alpha.unpack(), p, seed.unpack(), mask);
+    return {if_wanted(task_should_compute_output(0), grad), gi, gw, gb, ga};
+  }
+  std::string name() const override { return "rezero_kernels::LinearResidualBackward"; }
+  void release_variables() override {
+    inp.reset_data();
+    weight.reset_data();
+    bias.reset_data();
+    alpha.reset_data();
+    seed.reset_data();
+  }
+};
 
 at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
                            const at::Tensor& bias, const at::Tensor& alpha, double p,
                            const at::Tensor& seed) {
-  return apply<LinearFn>(x, inp, weight, bias, alpha, p, seed);
+  const auto& impl = ops::linear_residual();
+    check_differentiable_here(x, inp, weight, bias, alpha);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    y = impl.call(x, inp, weight, bias, alpha, p, seed);
+  }
+  if (auto node = record<LinearBackward>(y, x, inp, weight, bias, alpha)) {
+    node->inp = SavedVariable(inp, false);
+    node->weight = SavedVariable(weight, false);
+    node->bias = SavedVariable(bias, false);
+    node->alpha = SavedVariable(alpha, false);
+    node->seed = SavedVariable(seed, false);
+    node->p = p;
+  }
+  return y;
 }
 
+// --- rezero_fc: y = x + alpha * dropout(act(x @ weight^T + bias)) -----------------------
+
+struct FcBackward : Node {  // edges: x, weight, bias (empty without one), alpha
+  SavedVariable x, weight, bias, alpha, kept, seed;
+  std::string activation;
+  double p = 0.0;
+
+  variable_list apply(variable_list&& grads) override {
+    const auto& impl = ops::rezero_fc_backward();
+    if (!grads[0].defined()) return variable_list(4);
+    const Mask4 mask = {task_should_compute_output(0), task_should_compute_output(1),
+                        task_should_compute_output(2), task_should_compute_output(3)};
+    if (!(mask[0] || mask[1] || mask[2] || mask[3])) return variable_list(4);
+    auto [gx, gw, gb, ga] =
+        impl.call(grads[0].contiguous(), x.unpack(), weight.unpack(), bias.unpack(),
+                  alpha.unpack(), kept.unpack(), activation, p, seed.unpack(), mask);
+    return {gx, gw, gb, ga};
+  }
+  std::string name() const override { return "rezero_kernels::ReZeroFCBackward"; }
+  void release_variables() override {
+    x.reset_data();
+    weight.reset_data();
+    bias.reset_data();
+    alpha.reset_data();
+    kept.reset_data();
+    seed.reset_data();
+  }
+};
+
+// y gets the node; kept (what backward needs of F) is not differentiable.
 TensorPair rezero_fc_autograd(const at::Tensor& x, const at::Tensor& weight,
-                              const at::Tensor& bias, const at::Tensor& alpha,
+                              const OptTensor& bias, const at::Tensor& alpha,
                               c10::string_view activation, double p, const at::Tensor& seed) {
-  const variable_list out = apply<FcFn>(x, weight, bias, alpha, activation, p, seed);
-  return {out[0], out[1]};
+  const auto& impl = ops::rezero_fc();
+    check_differentiable_here(x, weight, bias, alpha);
+  at::Tensor y, kept;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    std::tie(y, kept) = impl.call(x, weight, bias, alpha, activation, p, seed);
+  }
+  if (auto node = record<FcBackward>(y, x, weight, or_undefined(bias), alpha)) {
+    node->x = SavedVariable(x, false);
+    node->weight = SavedVariable(weight, false);
+    node->bias = SavedVariable(or_undefined(bias), false);
+    node->alpha = SavedVariable(alpha, false);
+    node->kept = SavedVariable(kept, false);
+    node->seed = SavedVariable(seed, false);
+    node->activation = std::string(activation);
+    node->p = p;
+  }
+  return {y, kept};
 }
 
 // --- the backward ops: a second backward through them is an error -------------------------
@@ -222,8 +306,12 @@ template <class... T>
 variable_list defined_tensors(const T&... values) {
   variable_list out;
   auto add = [&](const auto& v) {
-    if constexpr (std::is_same_v<std::decay_t<decltype(v)>, at::Tensor>)
+    using V = std::decay_t<decltype(v)>;
+    if constexpr (std::is_same_v<V, at::Tensor>) {
       if (v.defined()) out.push_back(v);
+    } else if constexpr (std::is_same_v<V, OptTensor>) {
+      if (present(v)) out.push_back(*v);
+    }
   };
   (add(values), ...);
   return out;
@@ -231,10 +319,9 @@ variable_list defined_tensors(const T&... values) {
 
 // Runs a backward op below autograd; when grad mode is on (create_graph=True) its outputs get a
 // node that raises if differentiated.
-template <class Signature, class Out, class... Args>
-Out below_autograd(const char* name, const Args&... args) {
-  static const auto impl = op<Signature>(name);
-  Out out;
+template <class Signature, class... Args>
+auto below_autograd(const c10::TypedOperatorHandle<Signature>& impl, const Args&... args) {
+  typename c10::guts::function_traits<Signature>::return_type out;
   {
     at::AutoDispatchBelowADInplaceOrView below;
     out = impl.call(args...);
@@ -251,32 +338,33 @@ Out below_autograd(const char* name, const Args&... args) {
 }
 
 TensorPair residual_backward_autograd(const at::Tensor& grad, const at::Tensor& fx,
-                                      const at::Tensor& alpha, double p, const at::Tensor& seed) {
-  return below_autograd<ResidualBwdSig, TensorPair>("rezero_kernels::residual_backward", grad,
-                                                    fx, alpha, p, seed);
+                                      const at::Tensor& alpha, double p, const at::Tensor& seed,
+                                      Mask2 mask) {
+  return below_autograd(ops::residual_backward(), grad, fx, alpha, p, seed, mask);
 }
 
 TensorPair bias_act_backward_autograd(const at::Tensor& grad, const at::Tensor& h,
-                                      const at::Tensor& bias, c10::string_view activation,
-                                      double p, const at::Tensor& seed) {
-  return below_autograd<BiasActBwdSig, TensorPair>("rezero_kernels::bias_act_dropout_backward",
-                                                   grad, h, bias, activation, p, seed);
+                                      const OptTensor& bias, c10::string_view activation,
+                                      double p, const at::Tensor& seed, Mask2 mask) {
+  return below_autograd(ops::bias_act_dropout_backward(), grad, h, bias, activation, p, seed,
+                        mask);
 }
 
 TensorQuad linear_backward_autograd(const at::Tensor& grad, const at::Tensor& inp,
                                     const at::Tensor& weight, const at::Tensor& bias,
                                     const at::Tensor& alpha, double p, const at::Tensor& seed,
-                                    std::array<bool, 4> mask) {
-  return below_autograd<LinearBwdSig, TensorQuad>("rezero_kernels::linear_residual_backward",
-                                                  grad, inp, weight, bias, alpha, p, seed, mask);
+                                    Mask4 mask) {
+  return below_autograd(ops::linear_residual_backward(), grad, inp, weight, bias, alpha, p, seed,
+                        mask);
 }
 
 TensorQuad rezero_fc_backward_autograd(const at::Tensor& grad, const at::Tensor& x,
-                                      const at::Tensor& weight, const at::Tensor& alpha,
-                                      const at::Tensor& kept, c10::string_view activation,
-                                      double p, const at::Tensor& seed, std::array<bool, 4> mask) {
-  return below_autograd<FcBwdSig, TensorQuad>("rezero_kernels::rezero_fc_backward", grad, x,
-                                              weight, alpha, kept, activation, p, seed, mask);
+                                      const at::Tensor& weight, const OptTensor& bias,
+                                      const at::Tensor& alpha, const at::Tensor& kept,
+                                      c10::string_view activation, double p,
+                                      const at::Tensor& seed, Mask4 mask) {
+  return below_autograd(ops::rezero_fc_backward(), grad, x, weight, bias, alpha, kept,
+                        activation, p, seed, mask);
 }
 
 }  // namespace

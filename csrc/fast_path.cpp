@@ -7,6 +7,7 @@
 // type, a tensor subclass, mixed dtypes, a strided input, autocast, a bad argument) returns
 // None, and the Python wrapper takes its general path, which converts the inputs or raises an
 // error that names the problem.  Under torch.compile the Python path is always taken.
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/autocast_mode.h>
 #include <torch/extension.h>
 
@@ -34,11 +35,21 @@ double probability(py::handle p, py::handle training) {
   return training.ptr() == Py_True ? value : 0.0;
 }
 
-// [key, counter_base] from torch's generator for the data's device; without dropout an empty
-// tensor (no memory, never read).
+// [key, counter_base] for dropout on `like`'s device: torch.randint(0, 2**62, (2,)) (what the
+// general path, compiled_ops.new_seed, draws), so both paths give one mask for one torch seed.
+// On CPU the same two draws of the default generator are made here, without randint's dispatch
+// (a test checks they match randint's); without dropout an empty tensor (never read).
 at::Tensor new_seed(double p, const at::Tensor& like) {
   if (p == 0.0) return no_seed(like);
-  return at::randint(0, int64_t{1} << 62, {2}, like.options().dtype(at::kLong));
+  constexpr int64_t kRange = int64_t{1} << 62;
+  if (!like.device().is_cpu()) return at::randint(0, kRange, {2}, like.options().dtype(at::kLong));
+  at::Tensor seed = at::empty({2}, like.options().dtype(at::kLong));
+  int64_t* s = seed.data_ptr<int64_t>();
+  auto generator = at::detail::getDefaultCPUGenerator();
+  std::lock_guard<std::mutex> lock(generator.mutex());
+  auto* cpu = at::check_generator<at::CPUGeneratorImpl>(generator);
+  for (int i = 0; i < 2; ++i) s[i] = static_cast<int64_t>(cpu->random64() % kRange);
+  return seed;
 }
 
 // A gate or bias vector for data of type `data_type` with `channels` channels on `device`, in
@@ -64,16 +75,13 @@ py::object wrap(at::Tensor t) { return py::reinterpret_steal<py::object>(THPVari
 
 py::object residual(py::handle x_, py::handle fx_, py::handle alpha_, py::handle p_,
                     py::handle training) {
-  static const auto impl =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                    const at::Tensor&)>("rezero_kernels::residual");
   const at::Tensor *x = tensor(x_), *fx = tensor(fx_);
   const double p = probability(p_, training);
   if (!x || !fx || p < 0 || !is_data(*x) || !is_like(*x, *fx) || !on_supported_device(*x))
     return py::none();
   const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
   if (!alpha.defined()) return py::none();
-  return wrap(impl.call(*x, *fx, alpha, p, new_seed(p, *x)));
+  return wrap(ops::residual().call(*x, *fx, alpha, p, new_seed(p, *x)));
 }
 
 // The activation named by h, or false.
@@ -84,12 +92,9 @@ bool activation_of(py::handle h, std::string* name) {
   return lookup_activation(*name, &act);
 }
 
-at::Tensor call_bias_act(const at::Tensor& h, const at::Tensor& bias, const std::string& act,
+at::Tensor call_bias_act(const at::Tensor& h, const OptTensor& bias, const std::string& act,
                          double p) {
-  static const auto impl =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, c10::string_view, double,
-                    const at::Tensor&)>("rezero_kernels::bias_act_dropout");
-  return impl.call(h, bias, act, p, new_seed(p, h));
+  return ops::bias_act_dropout().call(h, bias, act, p, new_seed(p, h));
 }
 
 py::object bias_act_dropout(py::handle h_, py::handle bias_, py::handle activation,
@@ -100,83 +105,85 @@ py::object bias_act_dropout(py::handle h_, py::handle bias_, py::handle activati
   if (!h || p < 0 || !activation_of(activation, &act) || !is_data(*h) || h->dim() == 0 ||
       !on_supported_device(*h))
     return py::none();
-  const at::Tensor bias =
-      bias_.is_none() ? zero_bias(*h) : vector_for(tensor(bias_), *h, /*allow_scalar=*/false);
+  if (bias_.is_none()) return wrap(call_bias_act(*h, std::nullopt, act, p));
+  const at::Tensor bias = vector_for(tensor(bias_), *h, /*allow_scalar=*/false);
   if (!bias.defined()) return py::none();
   return wrap(call_bias_act(*h, bias, act, p));
 }
 
-// bias=None of a GEMM: zeros of the weight's dtype (as the general path adds); undefined when
-// a bias was given or weight is not a matrix.
+// bias=None of rezero_linear's GEMM: zeros of the weight's dtype (as the general path adds);
+// undefined when a bias was given or weight is not a matrix.
 at::Tensor zeros_for(py::handle bias, const at::Tensor* weight) {
   if (!bias.is_none() || !weight || weight->dim() != 2) return at::Tensor();
   return at::zeros({weight->size(0)}, weight->options());
 }
 
-// inp, weight and bias of a GEMM: one float dtype, one device, weight 2-D and matching inp, no
-// autocast to apply.
+// inp, weight and bias (nullptr: none) of a GEMM: one float dtype, one device, weight 2-D and
+// matching inp, no autocast to apply.
 bool is_gemm(const at::Tensor* inp, const at::Tensor* weight, const at::Tensor* bias) {
-  if (!inp || !weight || !bias || !bias->defined() || !on_supported_device(*inp)) return false;
+  if (!inp || !weight || !on_supported_device(*inp)) return false;
   const auto st = inp->scalar_type();
-  return is_float_type(st) && weight->scalar_type() == st && bias->scalar_type() == st &&
-         weight->device() == inp->device() && bias->device() == inp->device() &&
-         weight->dim() == 2 && inp->dim() >= 1 && inp->size(-1) == weight->size(1) &&
-         bias->dim() == 1 && bias->size(0) == weight->size(0) &&
+  const bool bias_ok = bias == nullptr || (bias->scalar_type() == st &&
+                                           bias->device() == inp->device() && bias->dim() == 1 &&
+                                           bias->size(0) == weight->size(0));
+  return is_float_type(st) && weight->scalar_type() == st && weight->device() == inp->device() &&
+         weight->dim() == 2 && inp->dim() >= 1 && inp->size(-1) == weight->size(1) && bias_ok &&
          !at::autocast::is_autocast_enabled(inp->device().type());
+}
+
+// The bias argument of a GEMM entry point: {true, nullptr} for None, {true, tensor} for a plain
+// tensor, {false, nullptr} for anything else.
+std::pair<bool, const at::Tensor*> optional_tensor(py::handle h) {
+  if (h.is_none()) return {true, nullptr};
+  const at::Tensor* t = tensor(h);
+  return {t != nullptr, t};
 }
 
 py::object rezero_linear(py::handle x_, py::handle inp_, py::handle weight_, py::handle bias_,
                          py::handle alpha_, py::handle p_, py::handle training) {
-  static const auto impl =
-      op<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                    const at::Tensor&, double, const at::Tensor&)>("rezero_kernels::linear_residual");
   const at::Tensor *x = tensor(x_), *inp = tensor(inp_), *weight = tensor(weight_);
   const double p = probability(p_, training);
   const at::Tensor zero_bias = zeros_for(bias_, weight);
   const at::Tensor* bias = bias_.is_none() ? &zero_bias : tensor(bias_);
-  if (!x || p < 0 || !is_gemm(inp, weight, bias) || !is_data(*x) ||
+  if (!x || p < 0 || !bias || !is_gemm(inp, weight, bias) || !is_data(*x) ||
       x->scalar_type() != inp->scalar_type() || x->device() != inp->device() ||
       x->dim() != inp->dim() || x->size(-1) != weight->size(0) ||
       !x->sizes().slice(0, x->dim() - 1).equals(inp->sizes().slice(0, inp->dim() - 1)))
     return py::none();
   const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
   if (!alpha.defined()) return py::none();
-  return wrap(impl.call(*x, *inp, *weight, *bias, alpha, p, new_seed(p, *x)));
+  return wrap(ops::linear_residual().call(*x, *inp, *weight, *bias, alpha, p, new_seed(p, *x)));
 }
 
 py::object linear_bias_act_dropout(py::handle inp_, py::handle weight_, py::handle bias_,
                                    py::handle activation, py::handle p_, py::handle training) {
   const at::Tensor *inp = tensor(inp_), *weight = tensor(weight_);
-  const at::Tensor zero_bias = zeros_for(bias_, weight);
-  const at::Tensor* bias_in = bias_.is_none() ? &zero_bias : tensor(bias_);
+  const auto [bias_ok, bias_in] = optional_tensor(bias_);
   const double p = probability(p_, training);
   std::string act;
-  if (p < 0 || !is_gemm(inp, weight, bias_in) || !activation_of(activation, &act))
+  if (p < 0 || !bias_ok || !is_gemm(inp, weight, bias_in) || !activation_of(activation, &act))
     return py::none();
+  const at::Tensor h = at::matmul(*inp, weight->t());
+  if (bias_in == nullptr) return wrap(call_bias_act(h, std::nullopt, act, p));
   const at::Tensor bias = vector_for(bias_in, inp->scalar_type(), inp->device(), weight->size(0),
                                      /*allow_scalar=*/false);
   if (!bias.defined()) return py::none();
-  return wrap(call_bias_act(at::matmul(*inp, weight->t()), bias, act, p));
+  return wrap(call_bias_act(h, bias, act, p));
 }
 
 py::object rezero_fc(py::handle x_, py::handle weight_, py::handle bias_, py::handle alpha_,
                      py::handle activation, py::handle p_, py::handle training) {
-  static const auto impl =
-      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, const at::Tensor&,
-                                            c10::string_view, double, const at::Tensor&)>(
-          "rezero_kernels::rezero_fc");
   const at::Tensor *x = tensor(x_), *weight = tensor(weight_);
-  const at::Tensor zero_bias = zeros_for(bias_, weight);
-  const at::Tensor* bias = bias_.is_none() ? &zero_bias : tensor(bias_);
+  const auto [bias_ok, bias] = optional_tensor(bias_);
   const double p = probability(p_, training);
   std::string act;
-  if (!x || p < 0 || !activation_of(activation, &act) || !is_gemm(x, weight, bias) ||
-      !is_data(*x) || weight->size(0) != weight->size(1))
+  if (!x || p < 0 || !bias_ok || !activation_of(activation, &act) ||
+      !is_gemm(x, weight, bias) || !is_data(*x) || weight->size(0) != weight->size(1))
     return py::none();
   const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
   if (!alpha.defined()) return py::none();
-  return wrap(std::get<0>(impl.call(*x, *weight, *bias, alpha, act, p, new_seed(p, *x))));
+  const OptTensor b = bias ? OptTensor(*bias) : std::nullopt;
+  return wrap(std::get<0>(ops::rezero_fc().call(*x, *weight, b, alpha, act, p, new_seed(p, *x))));
 }
 
 }  // namespace
@@ -188,6 +195,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rezero_linear", &rezero_linear);
   m.def("linear_bias_act_dropout", &linear_bias_act_dropout);
   m.def("rezero_fc", &rezero_fc);
+  m.def("new_seed", [](double p, const at::Tensor& like) { return wrap(new_seed(p, like)); },
+        "the seed the entry points draw (for tests)");
 }
 
 }  // namespace rezero

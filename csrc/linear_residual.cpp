@@ -17,6 +17,7 @@
 #include <torch/library.h>
 
 #include <array>
+#include <optional>
 #include <tuple>
 
 #include "op_calls.h"
@@ -24,24 +25,15 @@
 namespace rezero {
 namespace {
 
-at::Tensor residual_op(const at::Tensor& x, const at::Tensor& f, const at::Tensor& alpha, double p,
-                       const at::Tensor& seed) {
-  static const auto impl = op<at::Tensor(const at::Tensor&, const at::Tensor&,
-                                         const at::Tensor&, double, const at::Tensor&)>(
-      "rezero_kernels::residual");
-  return impl.call(x, f, alpha, p, seed);
-}
-
-std::tuple<at::Tensor, at::Tensor> dropout_grad_op(const at::Tensor& grad, double p,
-                                                   const at::Tensor& seed,
-                                                   const at::Tensor& zero_bias) {
-  static const auto impl =
-      op<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                            const at::Tensor&, c10::string_view, double,
-                                            const at::Tensor&)>(
-          "rezero_kernels::bias_act_dropout_backward");
-  // identity activation: grad_h = mask * scale * grad, grad_bias = its column sums
-  return impl.call(grad, grad, zero_bias, "identity", p, seed);
+// dy' = mask * scale * grad (grad itself without dropout) and, when `sums`, its column sums in
+// the math type (else undefined).
+TensorPair dropout_grad(const at::Tensor& grad, double p, const at::Tensor& seed, bool sums) {
+  if (p == 0.0)
+    return {grad, sums ? at::sum(as_matrix(grad), {0}, false, math_type(grad.scalar_type()))
+                       : at::Tensor()};
+  // the identity activation without a bias: grad_h = mask * scale * grad
+  return ops::bias_act_dropout_backward().call(grad, grad, std::nullopt, "identity", p, seed,
+                                               {true, sums});
 }
 
 void check_args(const at::Tensor& x, const at::Tensor& inp, const at::Tensor& weight,
@@ -63,8 +55,8 @@ at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at:
                            const at::Tensor& seed) {
   check_args(x, inp, weight, bias);
   at::Tensor f = at::addmm(bias, as_matrix(inp), weight.t());
-  f = f.view(x.sizes()).to(x.scalar_type());
-  return residual_op(x, f, alpha, p, seed);
+  f = in_type(f.view(x.sizes()), x.scalar_type());
+  return ops::residual().call(x, f, alpha, p, seed);
 }
 
 // a @ b with a float32 (float64 for float64) result.  G = dy'^T inp feeds grad_alpha, a sum over
@@ -76,32 +68,34 @@ at::Tensor mm_math(const at::Tensor& a, const at::Tensor& b) {
   const auto st = a.scalar_type();
   if (st == at::kFloat || st == at::kDouble) return at::mm(a, b);
   if (a.is_cuda()) return at::mm(a, b, at::kFloat);
-  return at::mm(a.to(at::kFloat), b.to(at::kFloat));
+  return at::mm(in_type(a, at::kFloat), in_type(b, at::kFloat));
 }
 
 // mask says which of (grad_inp, grad_weight, grad_bias, grad_alpha) to compute; the others are
 // returned undefined, and their GEMMs and reductions are skipped.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backward(
-    const at::Tensor& grad, const at::Tensor& inp, const at::Tensor& weight,
-    const at::Tensor& bias, const at::Tensor& alpha, double p, const at::Tensor& seed,
-    std::array<bool, 4> mask) {
+TensorQuad linear_residual_backward(const at::Tensor& grad, const at::Tensor& inp,
+                                    const at::Tensor& weight, const at::Tensor& bias,
+                                    const at::Tensor& alpha, double p, const at::Tensor& seed,
+                                    Mask4 mask) {
   check_args(grad, inp, weight, bias);
   const int64_t n_out = weight.size(0), n_in = weight.size(1);
-  auto [dy, colsum] = dropout_grad_op(grad, p, seed, zero_bias(grad));
-  const at::Tensor dy2 = as_matrix(dy).to(weight.scalar_type());
+  auto [dy, colsum] = dropout_grad(grad, p, seed, /*sums=*/mask[2] || mask[3]);
+  const at::Tensor dy2 = in_type(as_matrix(dy), weight.scalar_type());
   const at::Tensor inp2 = as_matrix(inp);
   const auto dtype = weight.scalar_type(), math = alpha.scalar_type();
   at::Tensor grad_inp, grad_weight, grad_bias, grad_alpha;
-  if (mask[2]) grad_bias = (colsum * alpha).to(bias.scalar_type());
+  if (mask[2]) grad_bias = in_type(colsum * alpha, bias.scalar_type());
   const int64_t rows = dy2.size(0);
-  if (alpha.numel() == 1 && rows * (n_out + 2 * n_in) < 3 * n_out * n_in) {  // few rows
-    if (mask[1]) grad_weight = at::mm((dy2 * alpha).to(dtype).t(), inp2);
+  const bool scalar = alpha.numel() == 1;
+  // bias . colsum(dy'): grad_alpha's bias term (a scalar gate's; per channel: bias * colsum)
+  auto bias_term = [&] { return at::dot(in_type(bias, math), colsum); };
+  if (scalar && rows * (n_out + 2 * n_in) <= 3 * n_out * n_in) {  // few rows
+    if (mask[1]) grad_weight = at::mm(in_type(dy2 * alpha, dtype).t(), inp2);
     if (mask[0] || mask[3]) {
       const at::Tensor h = mm_math(dy2, weight);  // (rows, in), math type
-      if (mask[0]) grad_inp = (h * alpha).to(dtype).view(inp.sizes());
+      if (mask[0]) grad_inp = in_type(h * alpha, dtype).view(inp.sizes());
       if (mask[3])
-        grad_alpha = (at::dot(h.view(-1), inp2.to(math).reshape(-1)) +
-                      at::dot(bias.to(math), colsum))
+        grad_alpha = (at::dot(h.view(-1), in_type(inp2, math).reshape(-1)) + bias_term())
                          .reshape({1});
     }
     return {grad_inp, grad_weight, grad_bias, grad_alpha};
@@ -109,12 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> linear_residual_backw
   const at::Tensor alpha_rows = alpha.view({-1, 1});
   at::Tensor g;
   if (mask[1] || mask[3]) g = mm_math(dy2.t(), inp2);  // (out, in), math type
-  if (mask[0]) grad_inp = at::mm(dy2, (weight * alpha_rows).to(dtype)).view(inp.sizes());
-  if (mask[3]) {
-    const at::Tensor per_row = (weight.to(math) * g).sum(1) + bias.to(math) * colsum;
-    grad_alpha = alpha.numel() == 1 ? per_row.sum().reshape({1}) : per_row;
-  }
-  if (mask[1]) grad_weight = (g * alpha_rows).to(dtype);
+  if (mask[0]) grad_inp = at::mm(dy2, in_type(weight * alpha_rows, dtype)).view(inp.sizes());
+  if (mask[3] && scalar)
+    grad_alpha = (at::dot(in_type(weight, math).view(-1), g.view(-1)) + bias_term()).reshape({1});
+  else if (mask[3])
+    grad_alpha = (in_type(weight, math) * g).sum(1) + in_type(bias, math) * colsum;
+  if (mask[1]) grad_weight = in_type(g * alpha_rows, dtype);
   return {grad_inp, grad_weight, grad_bias, grad_alpha};
 }
 

@@ -6,6 +6,7 @@
 #pragma once
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <string>
 #include <string_view>
 
@@ -43,6 +44,11 @@ inline bool is_vector(const at::Tensor& v, at::ScalarType data_type, c10::Device
 
 inline bool is_vector(const at::Tensor& v, const at::Tensor& data, bool allow_scalar) {
   return is_vector(v, data.scalar_type(), data.device(), channels_of(data), allow_scalar);
+}
+
+// The tensor of an optional argument (Tensor? in a schema), or nullptr for None.
+inline const at::Tensor* present(const std::optional<at::Tensor>& t) {
+  return t.has_value() && t->defined() ? &*t : nullptr;
 }
 
 // p in [0, 1); when p > 0, seed is [key, counter_base] (int64, contiguous) on the data's device.
@@ -92,12 +98,12 @@ inline void check_residual_args(const at::Tensor& a, const char* a_name, const a
   check_vector(alpha, fx, "alpha", /*allow_scalar=*/true);
 }
 
-// bias_act_dropout(h, bias) and, with grad, its backward.
-inline void check_bias_act_args(const at::Tensor& h, const at::Tensor& bias,
+// bias_act_dropout(h, bias) and, with grad, its backward; bias may be nullptr (none).
+inline void check_bias_act_args(const at::Tensor& h, const at::Tensor* bias,
                                 const at::Tensor* grad, c10::DeviceType device) {
   check_data(h, "h", device);
   TORCH_CHECK(h.dim() >= 1, "h must have at least one dimension");
-  check_vector(bias, h, "bias", /*allow_scalar=*/false);
+  if (bias != nullptr) check_vector(*bias, h, "bias", /*allow_scalar=*/false);
   if (grad != nullptr) {
     check_data(*grad, "grad", device);
     check_same(*grad, h, "grad", "h");

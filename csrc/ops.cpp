@@ -12,26 +12,32 @@
 //  * seed is an int64 tensor [key, counter_base] on the data's device: dropout element i is
 //    kept iff Philox4x32-10(key, counter = counter_base * 2^64 + i / 4)[i % 4] < (1-p) * 2^32;
 //  * p in [0, 1); p == 0 takes the no-dropout path and never reads seed (the callers pass an
-//    empty tensor).
+//    empty tensor);
+//  * bias may be None: no bias (nothing is allocated for it);
+//  * output_mask says which gradients a backward op returns (the others come back undefined)
+//    and skips the work only they need: a GEMM, or a reduction (grad_alpha, grad_bias).
 // op_checks.h states these conventions once, as predicates and as checks.
 #include <torch/library.h>
 
 TORCH_LIBRARY(rezero_kernels, m) {
   m.def("residual(Tensor x, Tensor fx, Tensor alpha, float p, Tensor seed) -> Tensor");
-  m.def("residual_backward(Tensor grad, Tensor fx, Tensor alpha, float p, Tensor seed)"
-        " -> (Tensor grad_fx, Tensor grad_alpha)");
-  m.def("bias_act_dropout(Tensor h, Tensor bias, str activation, float p, Tensor seed) -> Tensor");
-  m.def("bias_act_dropout_backward(Tensor grad, Tensor h, Tensor bias, str activation, float p,"
-        " Tensor seed) -> (Tensor grad_h, Tensor grad_bias)");
+  // grad_fx is computed whenever either gradient is asked for; fx is read only for grad_alpha.
+  m.def("residual_backward(Tensor grad, Tensor fx, Tensor alpha, float p, Tensor seed,"
+        " bool[2] output_mask) -> (Tensor grad_fx, Tensor grad_alpha)");
+  m.def("bias_act_dropout(Tensor h, Tensor? bias, str activation, float p, Tensor seed)"
+        " -> Tensor");
+  // grad_bias: the column sums of grad_h (also without a bias: what a bias would receive).
+  m.def("bias_act_dropout_backward(Tensor grad, Tensor h, Tensor? bias, str activation, float p,"
+        " Tensor seed, bool[2] output_mask) -> (Tensor grad_h, Tensor grad_bias)");
   m.def("linear_residual(Tensor x, Tensor inp, Tensor weight, Tensor bias, Tensor alpha, float p,"
         " Tensor seed) -> Tensor");
-  // y and what backward keeps of F = x @ weight^T + bias (act(F) for relu, else F).
-  m.def("rezero_fc(Tensor x, Tensor weight, Tensor bias, Tensor alpha, str activation, float p,"
+  // y and what backward keeps (rezero_fc.cpp): act(F) where act' is a function of it (identity,
+  // relu), else the GEMM's output (F, or x @ weight^T when the activation adds the bias).
+  m.def("rezero_fc(Tensor x, Tensor weight, Tensor? bias, Tensor alpha, str activation, float p,"
         " Tensor seed) -> (Tensor y, Tensor kept)");
-  m.def("rezero_fc_backward(Tensor grad, Tensor x, Tensor weight, Tensor alpha, Tensor kept,"
-        " str activation, float p, Tensor seed, bool[4] output_mask)"
+  m.def("rezero_fc_backward(Tensor grad, Tensor x, Tensor weight, Tensor? bias, Tensor alpha,"
+        " Tensor kept, str activation, float p, Tensor seed, bool[4] output_mask)"
         " -> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_alpha)");
-  // output_mask: which of the four gradients to compute (the others come back undefined).
   m.def("linear_residual_backward(Tensor grad, Tensor inp, Tensor weight, Tensor bias,"
         " Tensor alpha, float p, Tensor seed, bool[4] output_mask)"
         " -> (Tensor grad_inp, Tensor grad_weight, Tensor grad_bias, Tensor grad_alpha)");

@@ -35,8 +35,9 @@ def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, mask=None):
 
 
 def bias_act_dropout(h, bias, activation_name="gelu", dropout_p=0.0, training=True, mask=None):
-    """``dropout(act(h + bias))``."""
-    return dropout(activation(h + bias.to(h.dtype), activation_name), dropout_p, training, mask)
+    """``dropout(act(h + bias))`` (``bias`` may be None)."""
+    z = h if bias is None else h + bias.to(h.dtype)
+    return dropout(activation(z, activation_name), dropout_p, training, mask)
 
 
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, mask=None):

@@ -30,6 +30,12 @@ def new_seed(p: float, device: torch.device) -> torch.Tensor:
     return torch.randint(0, 2**62, (2,), dtype=torch.int64, device=device)
 
 
+def _wanted(likes, output_mask):
+    """A backward op's fake outputs: one like each of ``likes`` where output_mask asks for it,
+    else None (the op returns an undefined tensor there)."""
+    return tuple(torch.empty_like(t) if wanted else None for t, wanted in zip(likes, output_mask))
+
+
 # --- rezero_residual: rezero_kernels::residual ---------------------------------------------
 
 @torch.library.register_fake("rezero_kernels::residual")
@@ -38,8 +44,8 @@ def _(x, fx, alpha, p, seed):
 
 
 @torch.library.register_fake("rezero_kernels::residual_backward")
-def _(grad, fx, alpha, p, seed):
-    return torch.empty_like(fx), torch.empty_like(alpha)
+def _(grad, fx, alpha, p, seed, output_mask):
+    return _wanted((fx, alpha), output_mask)
 
 
 def rezero_residual(x, fx, alpha, dropout_p):
@@ -56,8 +62,8 @@ def _(h, bias, activation, p, seed):
 
 
 @torch.library.register_fake("rezero_kernels::bias_act_dropout_backward")
-def _(grad, h, bias, activation, p, seed):
-    return torch.empty_like(h), torch.empty_like(bias)
+def _(grad, h, bias, activation, p, seed, output_mask):
+    return _wanted((h, h.new_empty(h.shape[-1], dtype=math_dtype(h.dtype))), output_mask)
 
 
 def bias_act_dropout(h, bias, activation, dropout_p):
@@ -79,8 +85,7 @@ def _(x, inp, weight, bias, alpha, p, seed):
 
 @torch.library.register_fake("rezero_kernels::linear_residual_backward")
 def _(grad, inp, weight, bias, alpha, p, seed, output_mask):
-    return tuple(torch.empty_like(t) if wanted else None
-                 for t, wanted in zip((inp, weight, bias, alpha), output_mask))
+    return _wanted((inp, weight, bias, alpha), output_mask)
 
 
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
@@ -97,10 +102,8 @@ def _(x, weight, bias, alpha, activation, p, seed):
 
 
 @torch.library.register_fake("rezero_kernels::rezero_fc_backward")
-def _(grad, x, weight, alpha, kept, activation, p, seed, output_mask):
-    bias_like = weight.new_empty(weight.shape[0])
-    return tuple(torch.empty_like(t) if wanted else None
-                 for t, wanted in zip((x, weight, bias_like, alpha), output_mask))
+def _(grad, x, weight, bias, alpha, kept, activation, p, seed, output_mask):
+    return _wanted((x, weight, weight.new_empty(weight.shape[0]), alpha), output_mask)
 
 
 def rezero_fc(x, weight, bias, alpha, activation, dropout_p):

@@ -92,7 +92,8 @@ def settings():
         residuals = [dtype] + ([torch.float32] if dtype in (torch.bfloat16, torch.float16) else [])
         for residual in residuals:
             yield shape, dict(dtype=dtype, activation=act, per_channel=per_channel,
-                              residual_dtype=residual, dropout_p=0.1, **SHAPES[shape])
+                              residual_dtype=residual, dropout_p=0.1, frozen=True,
+                              **SHAPES[shape])
 
 
 def record_launches():

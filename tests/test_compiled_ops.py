@@ -59,8 +59,10 @@ def _opcheck_samples():
             yield "residual", (x, fx, alpha, p, _seed(p))
             yield "linear_residual", (x, inp, w, b, alpha, p, _seed(p))
         for act in ("relu", "gelu"):
-            yield "bias_act_dropout", (h, b, act, p, _seed(p))
-            yield "rezero_fc", (x, torch.randn(8, 8), b, torch.tensor([0.5]), act, p, _seed(p))
+            for bias in (b, None):
+                yield "bias_act_dropout", (h, bias, act, p, _seed(p))
+                yield "rezero_fc", (x, torch.randn(8, 8), bias, torch.tensor([0.5]), act, p,
+                                    _seed(p))
 
 
 @pytest.mark.parametrize("name,args", list(_opcheck_samples()))
@@ -71,21 +73,48 @@ def test_opcheck(name, args):
     torch.library.opcheck(getattr(torch.ops.rezero_kernels, name), args)
 
 
+MASKS2 = ([True, True], [True, False], [False, True])
+
+
 def test_backward_ops_opcheck():
     import rezero_kernels.compiled_ops  # noqa: F401
     g, fx, h, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
     ops = torch.ops.rezero_kernels
-    torch.library.opcheck(ops.residual_backward, (g, fx, torch.tensor([0.5]), 0.3, _seed(1)))
-    torch.library.opcheck(ops.bias_act_dropout_backward, (g, h, b, "gelu", 0.3, _seed(1)))
+    for mask in MASKS2:
+        torch.library.opcheck(ops.residual_backward,
+                              (g, fx, torch.tensor([0.5]), 0.3, _seed(1), mask))
+        for bias in (b, None):
+            torch.library.opcheck(ops.bias_act_dropout_backward,
+                                  (g, h, bias, "gelu", 0.3, _seed(1), mask))
     for act in ("relu", "gelu"):
         kept = torch.relu(fx) if act == "relu" else fx
-        torch.library.opcheck(ops.rezero_fc_backward,
-                              (g, h, torch.randn(8, 8), torch.tensor([0.5]), kept, act, 0.3,
-                               _seed(1), [True, True, False, True]))
+        for bias in (b, None):
+            torch.library.opcheck(ops.rezero_fc_backward,
+                                  (g, h, torch.randn(8, 8), bias, torch.tensor([0.5]), kept, act,
+                                   0.3, _seed(1), [True, True, bias is not None, True]))
     for mask in ([True] * 4, [True, False, True, False], [False, True, False, True]):
         torch.library.opcheck(ops.linear_residual_backward,
                               (g, torch.randn(3, 5), torch.randn(8, 5), b, torch.randn(8), 0.3,
                                _seed(1), mask))
+
+
+@pytest.mark.parametrize("mask", MASKS2)
+def test_backward_ops_return_what_the_mask_asks_for(mask):
+    """An output the mask leaves out comes back as None; the others are the full gradients."""
+    ops = torch.ops.rezero_kernels
+    g, fx, b = torch.randn(3, 8), torch.randn(3, 8), torch.randn(8)
+    seed, alpha = _seed(1), torch.tensor([0.5])
+    full = ops.residual_backward(g, fx, alpha, 0.3, seed, [True, True])
+    for got, want, wanted in zip(ops.residual_backward(g, fx, alpha, 0.3, seed, mask), full, mask):
+        assert (got is None) == (not wanted)
+        if wanted:
+            assert torch.equal(got, want)
+    full = ops.bias_act_dropout_backward(g, fx, b, "gelu", 0.3, seed, [True, True])
+    masked = ops.bias_act_dropout_backward(g, fx, b, "gelu", 0.3, seed, mask)
+    for got, want, wanted in zip(masked, full, mask):
+        assert (got is None) == (not wanted)
+        if wanted:
+            assert torch.equal(got, want)
 
 
 def test_compile_fullgraph_stack_matches_eager():

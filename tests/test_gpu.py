@@ -23,6 +23,7 @@ if not torch.cuda.is_available():
 
 F = rzk.functional
 ops = torch.ops.rezero_kernels
+BOTH = [True, True]  # output_mask of the backward ops: both gradients
 DEV = torch.device("cuda")
 SEED = 1234
 ACTIVATIONS = python_ref.ACTIVATIONS
@@ -110,14 +111,14 @@ def test_misaligned_storage_matches_aligned(dtype, per_channel):
     xs, fxs, gs = shifted(x), shifted(fx), shifted(g)
     assert xs.is_contiguous() and xs.data_ptr() % 16 != 0
     assert torch.equal(ops.residual(xs, fxs, alpha, 0.3, seed), ops.residual(x, fx, alpha, 0.3, seed))
-    for a, b in zip(ops.residual_backward(gs, fxs, alpha, 0.3, seed),
-                    ops.residual_backward(g, fx, alpha, 0.3, seed)):
+    for a, b in zip(ops.residual_backward(gs, fxs, alpha, 0.3, seed, BOTH),
+                    ops.residual_backward(g, fx, alpha, 0.3, seed, BOTH)):
         assert torch.equal(a, b)
     bias = torch.randn(channels, dtype=math, device=DEV)
     assert torch.equal(ops.bias_act_dropout(xs, bias, "gelu", 0.3, seed),
                        ops.bias_act_dropout(x, bias, "gelu", 0.3, seed))
-    for a, b in zip(ops.bias_act_dropout_backward(gs, xs, bias, "gelu", 0.3, seed),
-                    ops.bias_act_dropout_backward(g, x, bias, "gelu", 0.3, seed)):
+    for a, b in zip(ops.bias_act_dropout_backward(gs, xs, bias, "gelu", 0.3, seed, BOTH),
+                    ops.bias_act_dropout_backward(g, x, bias, "gelu", 0.3, seed, BOTH)):
         assert torch.equal(a, b)
 
 
@@ -127,9 +128,9 @@ def test_empty_tensors():
     x = torch.empty(0, 8, device=DEV)
     alpha, bias = torch.ones(8, device=DEV), torch.ones(8, device=DEV)
     assert ops.residual(x, x, alpha, 0.5, seed).shape == (0, 8)
-    gf, ga = ops.residual_backward(x, x, alpha, 0.5, seed)
+    gf, ga = ops.residual_backward(x, x, alpha, 0.5, seed, BOTH)
     assert gf.shape == (0, 8) and torch.equal(ga, torch.zeros_like(alpha))
-    gh, gb = ops.bias_act_dropout_backward(x, x, bias, "gelu", 0.5, seed)
+    gh, gb = ops.bias_act_dropout_backward(x, x, bias, "gelu", 0.5, seed, BOTH)
     assert gh.shape == (0, 8) and torch.equal(gb, torch.zeros_like(bias))
 
 
@@ -165,9 +166,10 @@ def test_cpu_and_cuda_drop_the_same_elements(shape, dtype):
                             seed_tensor(*seed_values))
         assert torch.equal(cpu != 0, (cuda != 0).cpu())
         torch.testing.assert_close(cuda.cpu(), cpu)
-        cpu_g, _ = ops.residual_backward(ones, ones, alpha, p, seed_tensor(*seed_values, "cpu"))
+        cpu_g, _ = ops.residual_backward(ones, ones, alpha, p, seed_tensor(*seed_values, "cpu"),
+                                         BOTH)
         cuda_g, _ = ops.residual_backward(ones.to(DEV), ones.to(DEV), alpha.to(DEV), p,
-                                          seed_tensor(*seed_values))
+                                          seed_tensor(*seed_values), BOTH)
         assert torch.equal(cpu_g != 0, (cuda_g != 0).cpu())
         cpu_b = ops.bias_act_dropout(ones, bias, "identity", p, seed_tensor(*seed_values, "cpu"))
         cuda_b = ops.bias_act_dropout(ones.to(DEV), bias.to(DEV), "identity", p,
@@ -214,13 +216,14 @@ def test_reductions_are_bitwise_deterministic(shape):
     g, fx = randn(*shape).float(), randn(*shape).float()
     seed = seed_tensor(3, 4)
     for alpha in (torch.ones(1, device=DEV), torch.ones(shape[-1], device=DEV)):
-        first = ops.residual_backward(g, fx, alpha, 0.1, seed)[1]
+        first = ops.residual_backward(g, fx, alpha, 0.1, seed, BOTH)[1]
         for _ in range(3):
-            assert torch.equal(ops.residual_backward(g, fx, alpha, 0.1, seed)[1], first)
+            assert torch.equal(ops.residual_backward(g, fx, alpha, 0.1, seed, BOTH)[1], first)
     bias = torch.zeros(shape[-1], device=DEV)
-    first = ops.bias_act_dropout_backward(g, fx, bias, "gelu", 0.1, seed)[1]
+    first = ops.bias_act_dropout_backward(g, fx, bias, "gelu", 0.1, seed, BOTH)[1]
     for _ in range(3):
-        assert torch.equal(ops.bias_act_dropout_backward(g, fx, bias, "gelu", 0.1, seed)[1], first)
+        again = ops.bias_act_dropout_backward(g, fx, bias, "gelu", 0.1, seed, BOTH)[1]
+        assert torch.equal(again, first)
 
 
 @needs_cuda_kernels
@@ -235,7 +238,7 @@ def test_runs_on_the_current_stream():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         y = ops.residual(x, fx, alpha, 0.0, seed_tensor(0, 0))
-        gf, ga = ops.residual_backward(fx, x, alpha, 0.0, seed_tensor(0, 0))
+        gf, ga = ops.residual_backward(fx, x, alpha, 0.0, seed_tensor(0, 0), BOTH)
     side.synchronize()
     torch.testing.assert_close(y, expected)
     torch.testing.assert_close(ga, (fx * x).sum(0), rtol=1e-4, atol=1e-3)
@@ -270,9 +273,9 @@ def test_cuda_graph_forward_backward_matches_eager(per_channel):
 
     def step():
         y = ops.residual(x, fx, alpha, p, seed)
-        gfx, galpha = ops.residual_backward(grad, fx, alpha, p, seed)
+        gfx, galpha = ops.residual_backward(grad, fx, alpha, p, seed, BOTH)
         z = ops.bias_act_dropout(h, bias, "gelu", p, seed)
-        gh, gbias = ops.bias_act_dropout_backward(grad, h, bias, "gelu", p, seed)
+        gh, gbias = ops.bias_act_dropout_backward(grad, h, bias, "gelu", p, seed, BOTH)
         return y, gfx, galpha, z, gh, gbias
 
     graph, static = _capture(step)

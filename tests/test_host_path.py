@@ -57,10 +57,36 @@ def test_training_step_reads_nothing_back_to_the_host(monkeypatch):
 
 @pytest.mark.parametrize("p", [0.0, 0.2])
 def test_one_seed_per_op_with_dropout_and_none_without(p):
+    """A training step of one op draws one seed (two numbers of the generator) with dropout and
+    none without, and passes the op an empty seed then."""
     x, fx = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     a = torch.ones(1, requires_grad=True)
-    calls = _aten_calls(lambda: torch.autograd.grad(F.rezero_residual(x, fx, a, p).sum(), fx))
-    assert calls.get("aten::randint", 0) == (1 if p else 0), calls
+    torch.manual_seed(0)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        torch.autograd.grad(F.rezero_residual(x, fx, a, p).sum(), fx)
+    after = torch.rand(3)
+    seeds = [e.input_shapes[-1] for e in prof.events() if e.name == "rezero_kernels::residual"]
+    assert seeds == [[2] if p else [0]]
+    torch.manual_seed(0)
+    if p:
+        torch.randint(0, 2**62, (2,))
+    assert torch.equal(after, torch.rand(3))
+
+
+def test_the_entry_points_draw_the_seed_torch_randint_draws():
+    """On CPU the entry points draw the seed from the generator without torch.randint's dispatch:
+    the same values and the same generator state afterwards, so the compiled entry points and
+    the general path (compiled_ops.new_seed) give one mask for one torch.manual_seed."""
+    from rezero_kernels import _C
+    like = torch.empty(3)
+    for s in (0, 1, 2**40 + 7):
+        torch.manual_seed(s)
+        ours = [_C.new_seed(0.1, like) for _ in range(3)] + [torch.rand(2)]
+        torch.manual_seed(s)
+        theirs = [torch.randint(0, 2**62, (2,)) for _ in range(3)] + [torch.rand(2)]
+        for a, b in zip(ours, theirs):
+            assert torch.equal(a, b)
+    assert _C.new_seed(0.0, like).numel() == 0
 
 
 @pytest.mark.parametrize("rows", [6, 40])
@@ -97,3 +123,53 @@ def test_rezero_fc_backward_runs_only_the_gemms_it_needs(frozen):
     calls = _aten_calls(lambda: torch.autograd.grad(out.sum(), leaves))
     assert calls.get("aten::addmm", 0) == int(x.requires_grad), calls
     assert calls.get("aten::mm", 0) == int(w.requires_grad), calls
+
+
+def _backward_masks(fn):
+    """{backward op name: [output_mask of each call]} of what fn runs."""
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    masks = {}
+    for e in prof.events():
+        if e.name.startswith("rezero_kernels::") and e.name.endswith("_backward"):
+            masks.setdefault(e.name.split("::")[1], []).append(e.concrete_inputs[-1])
+    return masks
+
+
+@pytest.mark.parametrize("alpha_frozen", [False, True])
+@pytest.mark.parametrize("fx_frozen", [False, True])
+def test_a_frozen_gate_skips_its_reduction(alpha_frozen, fx_frozen):
+    """grad_alpha (a reduction over every element that also reads fx) is asked of the kernel
+    only when alpha requires grad."""
+    x = torch.randn(4, 8, requires_grad=True)
+    fx = torch.randn(4, 8, requires_grad=not fx_frozen)
+    a = torch.ones(8, requires_grad=not alpha_frozen)
+    leaves = [t for t in (x, fx, a) if t.requires_grad]
+    masks = _backward_masks(
+        lambda: torch.autograd.grad(F.rezero_residual(x, fx, a, 0.1).sum(), leaves))
+    if fx_frozen and alpha_frozen:
+        assert "residual_backward" not in masks  # grad_x is grad itself: no kernel at all
+    else:
+        assert masks["residual_backward"] == [[not fx_frozen, not alpha_frozen]]
+
+
+@pytest.mark.parametrize("bias", ["trained", "frozen", "none"])
+def test_a_frozen_or_absent_bias_skips_its_column_sums(bias):
+    """bias_act_dropout and rezero_fc ask for the bias's column sums only when it trains (and
+    rezero_fc for grad_alpha only when alpha trains); a missing bias is passed as None, not as
+    a tensor of zeros."""
+    trained = bias == "trained"
+    h = torch.randn(4, 8, requires_grad=True)
+    b = None if bias == "none" else torch.randn(8, requires_grad=trained)
+    extra = [b] if trained else []
+    masks = _backward_masks(
+        lambda: torch.autograd.grad(F.bias_act_dropout(h, b, "gelu", 0.1).sum(), [h, *extra]))
+    assert masks["bias_act_dropout_backward"] == [[True, trained]]
+    w, a = torch.randn(8, 8, requires_grad=True), torch.ones(1)  # alpha frozen
+    calls = _aten_calls(lambda: F.rezero_fc(h, w, b, a, "gelu", 0.1))
+    assert "aten::zeros" not in calls, calls  # no zero bias is made
+    masks = _backward_masks(lambda: torch.autograd.grad(
+        F.rezero_fc(h, w, b, a, "gelu", 0.1).sum(), [h, w, *extra]))
+    assert masks["rezero_fc_backward"] == [[True, True, trained, False]]
+    assert masks["residual_backward"] == [[True, False]]
+    assert masks["bias_act_dropout_backward"] == [[True, trained]]

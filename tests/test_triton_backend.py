@@ -26,10 +26,13 @@ F = rzk.functional
 B = "triton"
 
 
-OPCHECK_CASES = ["residual", "residual p=0", "residual_backward", "bias_act_dropout gelu",
-                 "bias_act_dropout relu p=0", "bias_act_dropout_backward", "linear_residual",
-                 "linear_residual_backward", "linear_act gelu", "linear_act relu p=0",
-                 "linear_act_backward"]
+OPCHECK_CASES = ["residual", "residual p=0", "residual_backward",
+                 "residual_backward frozen alpha", "bias_act_dropout gelu",
+                 "bias_act_dropout relu p=0", "bias_act_dropout_backward",
+                 "bias_act_dropout_backward frozen bias", "linear_residual",
+                 "linear_residual_backward", "linear_residual_backward frozen weight+alpha",
+                 "linear_act gelu", "linear_act relu p=0", "linear_act_backward",
+                 "linear_act_backward frozen bias"]
 
 
 def _opcheck_case(name):
@@ -44,19 +47,34 @@ def _opcheck_case(name):
     return {
         "residual": (ops.residual, (r(3, 5, 33), r(3, 5, 33), r(33), 0.3, seed)),
         "residual p=0": (ops.residual, (r(3, 5, 33), r(3, 5, 33), r(1), 0.0, None)),
-        "residual_backward": (ops.residual_backward, (c(3, 5, 33), c(3, 5, 33), c(1), 0.3, seed)),
+        "residual_backward": (ops.residual_backward,
+                              (c(3, 5, 33), c(3, 5, 33), c(1), 0.3, seed, True)),
+        "residual_backward frozen alpha": (ops.residual_backward,
+                                           (c(3, 5, 33), c(3, 5, 33), c(1), 0.3, seed, False)),
         "bias_act_dropout gelu": (ops.bias_act_dropout, (r(7, 33), r(33), 2, 0.3, seed)),
         "bias_act_dropout relu p=0": (ops.bias_act_dropout, (r(7, 33), r(33), 1, 0.0, None)),
         "bias_act_dropout_backward": (ops.bias_act_dropout_backward,
-                                      (c(7, 33), c(7, 33), c(33), 3, 0.3, seed)),
+                                      (c(7, 33), c(7, 33), c(33), 3, 0.3, seed, True)),
+        "bias_act_dropout_backward frozen bias": (ops.bias_act_dropout_backward,
+                                                  (c(7, 33), c(7, 33), c(33), 3, 0.3, seed,
+                                                   False)),
         "linear_residual": (ops.linear_residual,
                             (r(2, 9, 17), r(2, 9, 33), r(17, 33), r(17), r(17), 0.3, seed)),
         "linear_residual_backward": (ops.linear_residual_backward,
-                                     (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(17), c(1), 0.3, seed)),
+                                     (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(17), c(1), 0.3, seed,
+                                      [True] * 4)),
+        "linear_residual_backward frozen weight+alpha": (
+            ops.linear_residual_backward,
+            (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(17), c(1), 0.3, seed,
+             [True, False, True, False])),
         "linear_act gelu": (ops.linear_act, (r(2, 9, 33), r(17, 33), r(17), 2, 0.3, seed, 1)),
         "linear_act relu p=0": (ops.linear_act, (r(2, 9, 33), r(17, 33), r(17), 1, 0.0, None, 0)),
         "linear_act_backward": (ops.linear_act_backward,
-                                (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(2, 9, 17), 3, 0.3, seed)),
+                                (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(2, 9, 17), 3, 0.3, seed,
+                                 [True] * 3)),
+        "linear_act_backward frozen bias": (ops.linear_act_backward,
+                                            (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(2, 9, 17), 3,
+                                             0.3, seed, [True, True, False])),
     }[name]
 
 

@@ -32,16 +32,18 @@ struct Dropout {
   /* y = x + alpha * dropout(fx) */                                                           \
   void residual(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx,                     \
                 const at::Tensor& alpha, const Dropout& d);                                   \
-  /* grad_fx = alpha * dropout(grad); grad_alpha (zeroed) = sum(dropout(grad) * fx) */        \
-  void residual_backward(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tensor& grad,  \
+  /* grad_fx = alpha * dropout(grad); *grad_alpha = sum(dropout(grad) * fx) (fx is not read  \
+     when grad_alpha is nullptr) */                                                            \
+  void residual_backward(at::Tensor& grad_fx, at::Tensor* grad_alpha, const at::Tensor& grad,  \
                          const at::Tensor& fx, const at::Tensor& alpha, const Dropout& d);    \
-  /* y = dropout(act(h + bias)) */                                                            \
-  void bias_act_dropout(at::Tensor& y, const at::Tensor& h, const at::Tensor& bias, Act act,  \
+  /* y = dropout(act(h + bias)); bias nullptr: none */                                        \
+  void bias_act_dropout(at::Tensor& y, const at::Tensor& h, const at::Tensor* bias, Act act,  \
                         const Dropout& d);                                                    \
-  /* grad_h = dropout(grad) * act'(h + bias); grad_bias = column sums of grad_h */            \
-  void bias_act_dropout_backward(at::Tensor& grad_h, at::Tensor& grad_bias,                   \
+  /* grad_h = dropout(grad) * act'(h + bias); *grad_bias = column sums of grad_h, unless      \
+     grad_bias is nullptr */                                                                  \
+  void bias_act_dropout_backward(at::Tensor& grad_h, at::Tensor* grad_bias,                   \
                                  const at::Tensor& grad, const at::Tensor& h,                 \
-                                 const at::Tensor& bias, Act act, const Dropout& d);          \
+                                 const at::Tensor* bias, Act act, const Dropout& d);          \
   }
 REZERO_CPU_VARIANTS(REZERO_CPU_DECLARE_KERNELS)
 #undef REZERO_CPU_DECLARE_KERNELS

@@ -1,6 +1,7 @@
 // The ReZero residual update on CPU: y = x + alpha * dropout(fx), and its backward
 //   grad_fx = alpha * mask * scale * grad,  grad_alpha = sum(grad * mask * scale * fx)
-// (grad_x is grad itself and never reaches this file).  The kernels are in kernels/residual.cpp.
+// (grad_x is grad itself and never reaches this file; fx is read only when grad_alpha is asked
+// for).  The kernels are in kernels/residual.cpp.
 #include <torch/library.h>
 
 #include "op_args.h"
@@ -19,14 +20,17 @@ at::Tensor residual(const at::Tensor& x, const at::Tensor& fx, const at::Tensor&
 
 std::tuple<at::Tensor, at::Tensor> residual_backward(const at::Tensor& grad, const at::Tensor& fx,
                                                      const at::Tensor& alpha, double p,
-                                                     const at::Tensor& seed) {
+                                                     const at::Tensor& seed,
+                                                     std::array<bool, 2> mask) {
   check_residual_args(grad, "grad", fx, alpha, c10::DeviceType::CPU);
   const Dropout d = make_dropout(p, seed, fx);
-  at::Tensor grad_fx = at::empty_like(fx);
-  at::Tensor grad_alpha = at::zeros_like(alpha);
+  if (!mask[0] && !mask[1]) return {};
+  at::Tensor grad_fx = at::empty_like(fx), grad_alpha;
+  if (mask[1]) grad_alpha = fx.numel() > 0 ? at::empty_like(alpha) : at::zeros_like(alpha);
   if (fx.numel() > 0)
-    REZERO_CPU_KERNEL(residual_backward)(grad_fx, grad_alpha, grad, fx, alpha, d);
-  return {grad_fx, grad_alpha};
+    REZERO_CPU_KERNEL(residual_backward)(grad_fx, mask[1] ? &grad_alpha : nullptr, grad, fx,
+                                         alpha, d);
+  return {mask[0] ? grad_fx : at::Tensor(), grad_alpha};
 }
 
 }  // namespace

@@ -1,8 +1,8 @@
 // The feed-forward epilogue on CUDA: y = dropout(act(h + bias)), and its backward
-//   grad_h = grad * mask * scale * act'(h + bias),  grad_bias = column sums of grad_h.
-// The activation is a template parameter of one forward and one backward policy; its formulas
-// are in ../activations.h.  (For relu, compiled_ops.py passes the forward output as h and a zero
-// bias: act'(y) is the same mask.)
+//   grad_h = grad * mask * scale * act'(h + bias),  grad_bias = column sums of grad_h
+// (only when asked for; bias may be nullptr: none).  The activation is a template parameter of
+// one forward and one backward policy; its formulas are in ../activations.h.  (For relu, autograd.cpp passes the forward output as h and no bias:
+// act'(y) is the same mask.)
 #include "../activations.h"  // activate, with_activation
 #include "launch.cuh"         // launch_flat, launch_columns
 #include "types.cuh"          // with_dtype, math_t
@@ -46,15 +46,19 @@ cudaError_t bias_act_dropout_forward(DType dtype, Act act, void* y, const void* 
     using T = decltype(t);
     using M = math_t<T>;
     return with_activation(act, [&](auto a) {
-      return launch_flat<T, BiasActForward<decltype(a)::value>, true, false>(
-          static_cast<T*>(y), static_cast<const T*>(h), nullptr, static_cast<const M*>(bias), n,
-          channels, nullptr, nullptr, dropout, stream);
+      return with_bool(bias != nullptr, [&](auto has_bias) {  // no bias: a zero scalar vector
+        return launch_flat<T, BiasActForward<decltype(a)::value>, decltype(has_bias)::value,
+                           false>(static_cast<T*>(y), static_cast<const T*>(h), nullptr,
+                                  static_cast<const M*>(bias), n, channels, nullptr, nullptr,
+                                  dropout, stream);
+      });
     });
   });
 }
 
 size_t bias_act_dropout_backward_workspace_bytes(DType dtype, int64_t n, int64_t channels,
-                                                 int device) {
+                                                 bool grad_bias, int device) {
+  if (!grad_bias) return 0;
   return column_workspace_bytes(dtype, n, channels, device);
 }
 
@@ -66,7 +70,14 @@ cudaError_t bias_act_dropout_backward(DType dtype, Act act, void* grad_h, void* 
     using T = decltype(t);
     using M = math_t<T>;
     return with_activation(act, [&](auto a) {
-      return launch_columns<T, BiasActBackward<decltype(a)::value>>(
+      using Op = BiasActBackward<decltype(a)::value>;
+      if (grad_bias == nullptr)  // no column sums: the flat kernel without its reduction
+        return with_bool(bias != nullptr, [&](auto has_bias) {
+          return launch_flat<T, Op, decltype(has_bias)::value, false>(
+              static_cast<T*>(grad_h), static_cast<const T*>(grad), static_cast<const T*>(h),
+              static_cast<const M*>(bias), n, channels, nullptr, nullptr, dropout, stream);
+        });
+      return launch_columns<T, Op>(
           static_cast<T*>(grad_h), static_cast<const T*>(grad), static_cast<const T*>(h),
           static_cast<const M*>(bias), n, channels, static_cast<M*>(workspace),
           static_cast<M*>(grad_bias), dropout, stream);

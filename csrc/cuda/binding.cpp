@@ -11,6 +11,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <array>
+#include <optional>
 #include <string>
 #include <tuple>
 
@@ -61,63 +63,76 @@ at::Tensor residual_op(const at::Tensor& x, const at::Tensor& fx, const at::Tens
   return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> residual_backward_op(const at::Tensor& grad, const at::Tensor& fx,
+std::tuple<at::Tensor, at::Tensor> residual_backward_op(const at::Tensor& grad,
+                                                        const at::Tensor& fx,
                                                         const at::Tensor& alpha, double p,
-                                                        const at::Tensor& seed) {
+                                                        const at::Tensor& seed,
+                                                        std::array<bool, 2> mask) {
   check_residual_args(grad, "grad", fx, alpha, c10::DeviceType::CUDA);
   const DropoutParams d = make_dropout(p, seed, fx);
+  if (!mask[0] && !mask[1]) return {};
   const c10::cuda::CUDAGuard guard(fx.device());
-  at::Tensor grad_fx = at::empty_like(fx, at::MemoryFormat::Contiguous);
-  if (fx.numel() == 0) return {grad_fx, at::zeros_like(alpha)};
-  at::Tensor grad_alpha = at::empty_like(alpha);
+  at::Tensor grad_fx = at::empty_like(fx, at::MemoryFormat::Contiguous), grad_alpha;
+  if (fx.numel() == 0)
+    return {mask[0] ? grad_fx : at::Tensor(), mask[1] ? at::zeros_like(alpha) : at::Tensor()};
+  if (mask[1]) grad_alpha = at::empty_like(alpha);
   const DType dt = dtype_of(fx);
   const at::Tensor ws = workspace(
-      residual_backward_workspace_bytes(dt, fx.numel(), channels_of(fx), alpha.numel(),
+      residual_backward_workspace_bytes(dt, fx.numel(), channels_of(fx), alpha.numel(), mask[1],
                                         fx.get_device()),
       fx);
   C10_CUDA_CHECK(residual_backward(
-      dt, grad_fx.data_ptr(), grad_alpha.data_ptr(), ws.data_ptr(), grad.data_ptr(),
-      fx.data_ptr(), alpha.data_ptr(), fx.numel(), channels_of(fx), alpha.numel(), d,
-      current_stream()));
-  return {grad_fx, grad_alpha};
+      dt, grad_fx.data_ptr(), mask[1] ? grad_alpha.data_ptr() : nullptr, ws.data_ptr(),
+      grad.data_ptr(), fx.data_ptr(), alpha.data_ptr(), fx.numel(), channels_of(fx),
+      alpha.numel(), d, current_stream()));
+  return {mask[0] ? grad_fx : at::Tensor(), grad_alpha};
 }
 
-at::Tensor bias_act_dropout_op(const at::Tensor& h, const at::Tensor& bias,
+// The device pointer of an optional bias, or nullptr.
+const void* bias_ptr(const std::optional<at::Tensor>& bias) {
+  return present(bias) ? bias->data_ptr() : nullptr;
+}
+
+at::Tensor bias_act_dropout_op(const at::Tensor& h, const std::optional<at::Tensor>& bias,
                                c10::string_view activation, double p, const at::Tensor& seed) {
-  check_bias_act_args(h, bias, nullptr, c10::DeviceType::CUDA);
+  check_bias_act_args(h, present(bias), nullptr, c10::DeviceType::CUDA);
   const Act act = parse_activation(activation);
   const DropoutParams d = make_dropout(p, seed, h);
   const c10::cuda::CUDAGuard guard(h.device());
   at::Tensor y = at::empty_like(h, at::MemoryFormat::Contiguous);
   if (h.numel() == 0) return y;
   C10_CUDA_CHECK(bias_act_dropout_forward(dtype_of(h), act, y.data_ptr(), h.data_ptr(),
-                                          bias.data_ptr(), h.numel(), channels_of(h), d,
+                                          bias_ptr(bias), h.numel(), channels_of(h), d,
                                           current_stream()));
   return y;
 }
 
 std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward_op(
-    const at::Tensor& grad, const at::Tensor& h, const at::Tensor& bias,
-    c10::string_view activation, double p, const at::Tensor& seed) {
-  check_bias_act_args(h, bias, &grad, c10::DeviceType::CUDA);
+    const at::Tensor& grad, const at::Tensor& h, const std::optional<at::Tensor>& bias,
+    c10::string_view activation, double p, const at::Tensor& seed, std::array<bool, 2> mask) {
+  check_bias_act_args(h, present(bias), &grad, c10::DeviceType::CUDA);
   const Act act = parse_activation(activation);
   const DropoutParams d = make_dropout(p, seed, h);
+  if (!mask[0] && !mask[1]) return {};
   const c10::cuda::CUDAGuard guard(h.device());
-  at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous);
-  if (h.numel() == 0) return {grad_h, at::zeros_like(bias)};
-  at::Tensor grad_bias = at::empty_like(bias);
+  at::Tensor grad_h = at::empty_like(h, at::MemoryFormat::Contiguous), grad_bias;
+  const auto sums = h.options().dtype(math_type(h.scalar_type()));
+  if (h.numel() == 0)
+    return {mask[0] ? grad_h : at::Tensor(),
+            mask[1] ? at::zeros({h.size(-1)}, sums) : at::Tensor()};
+  if (mask[1]) grad_bias = at::empty({h.size(-1)}, sums);
   const DType dt = dtype_of(h);
-  const at::Tensor ws = workspace(
-      bias_act_dropout_backward_workspace_bytes(dt, h.numel(), channels_of(h), h.get_device()),
-      h);
+  const at::Tensor ws = workspace(bias_act_dropout_backward_workspace_bytes(
+                                      dt, h.numel(), channels_of(h), mask[1], h.get_device()),
+                                  h);
   C10_CUDA_CHECK(bias_act_dropout_backward(
-      dt, act, grad_h.data_ptr(), grad_bias.data_ptr(), ws.data_ptr(), grad.data_ptr(),
-      h.data_ptr(), bias.data_ptr(), h.numel(), channels_of(h), d, current_stream()));
-  return {grad_h, grad_bias};
+      dt, act, grad_h.data_ptr(), mask[1] ? grad_bias.data_ptr() : nullptr, ws.data_ptr(),
+      grad.data_ptr(), h.data_ptr(), bias_ptr(bias), h.numel(), channels_of(h), d,
+      current_stream()));
+  return {mask[0] ? grad_h : at::Tensor(), grad_bias};
 }
 
 }  // namespace
-
 TORCH_LIBRARY_IMPL(rezero_kernels, CUDA, m) {
   m.impl("residual", &residual_op);
   m.impl("residual_backward", &residual_backward_op);

@@ -16,8 +16,9 @@
 //   template <bool kDropout, class M>
 //   static __device__ M apply(M u, M v, M c, M m, M& contrib);
 // where u, v are the data inputs at element i, c the channel vector (alpha / bias) at i's column
-// (or its single element), m the dropout scale of element i (1/(1-p) kept, 0 dropped; only
-// meaningful when kDropout); it returns the output at i and sets contrib, i's term of the sum.
+// (or its single element; 0 when the vector pointer is nullptr: no bias), m the dropout scale of
+// element i (1/(1-p) kept, 0 dropped; only meaningful when kDropout); it returns the output at i
+// and sets contrib, i's term of the sum.
 //
 // Determinism: the launch geometry depends only on (n, C, dtype, dropout on or off, SM count of
 // the device), every partial is written by one block, and both reduction stages add in a fixed
@@ -49,7 +50,7 @@ flat_kernel(T* __restrict__ out, math_t<T>* __restrict__ partials, const T* __re
   PhiloxKey key{};
   if constexpr (kDropout) key = load_philox_key(d);
   const M scale = static_cast<M>(d.scale);
-  const M c_scalar = kPerChannel ? M(0) : vec[0];
+  const M c_scalar = kPerChannel || vec == nullptr ? M(0) : vec[0];  // nullptr: no vector
   // column of this thread's chunk start, advanced by (stride * N) mod C per step (no division
   // in the loop)
   int64_t col = 0, col_step = 0;
@@ -109,7 +110,7 @@ column_kernel(T* __restrict__ out, math_t<T>* __restrict__ partials, const T* __
   M cv[N], acc[N];
 #pragma unroll
   for (int j = 0; j < N; ++j) {
-    cv[j] = j < valid ? vec[c0 + j] : M(0);
+    cv[j] = j < valid && vec != nullptr ? vec[c0 + j] : M(0);  // nullptr: no vector
     acc[j] = M(0);
   }
   if (valid > 0) {

@@ -40,22 +40,24 @@ cudaError_t residual_forward(DType dtype, void* y, const void* x, const void* fx
                              DropoutParams dropout, cudaStream_t stream);
 
 // grad_fx = alpha * mask * scale * grad;  grad_alpha (alpha_len elements) = sum over rows (and
-// over channels when alpha_len == 1) of grad * mask * scale * fx.
+// over channels when alpha_len == 1) of grad * mask * scale * fx.  grad_alpha nullptr: not
+// computed (fx is not read; no workspace).
 size_t residual_backward_workspace_bytes(DType dtype, int64_t n, int64_t channels,
-                                         int64_t alpha_len, int device);
+                                         int64_t alpha_len, bool grad_alpha, int device);
 cudaError_t residual_backward(DType dtype, void* grad_fx, void* grad_alpha, void* workspace,
                               const void* grad, const void* fx, const void* alpha, int64_t n,
                               int64_t channels, int64_t alpha_len, DropoutParams dropout,
                               cudaStream_t stream);
 
-// y = dropout(act(h + bias));  bias has `channels` elements.
+// y = dropout(act(h + bias));  bias has `channels` elements, or is nullptr (none).
 cudaError_t bias_act_dropout_forward(DType dtype, Act act, void* y, const void* h,
                                      const void* bias, int64_t n, int64_t channels,
                                      DropoutParams dropout, cudaStream_t stream);
 
-// grad_h = grad * mask * scale * act'(h + bias);  grad_bias = column sums of grad_h.
+// grad_h = grad * mask * scale * act'(h + bias);  grad_bias = column sums of grad_h (nullptr:
+// not computed, no workspace).  bias may be nullptr.
 size_t bias_act_dropout_backward_workspace_bytes(DType dtype, int64_t n, int64_t channels,
-                                                 int device);
+                                                 bool grad_bias, int device);
 cudaError_t bias_act_dropout_backward(DType dtype, Act act, void* grad_h, void* grad_bias,
                                       void* workspace, const void* grad, const void* h,
                                       const void* bias, int64_t n, int64_t channels,

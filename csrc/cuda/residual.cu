@@ -1,7 +1,8 @@
 // The ReZero residual update on CUDA: y = x + alpha * dropout(fx), and its backward
 //   grad_fx = alpha * mask * scale * grad,  grad_alpha = sum(grad * mask * scale * fx)
-// (over everything for a 1-element alpha, per channel for a length-C alpha).  grad_x is grad
-// itself and never reaches this file.  The mask is regenerated from the seed, never stored.
+// (over everything for a 1-element alpha, per channel for a length-C alpha; without grad_alpha,
+// fx is not read).  grad_x is grad itself and never reaches this file.  The mask is regenerated
+// from the seed, never stored.
 #include "launch.cuh"  // launch_flat, launch_columns, with_bool
 #include "types.cuh"   // with_dtype, math_t
 
@@ -32,6 +33,17 @@ struct ResidualBackward {
   }
 };
 
+// Without grad_alpha: u = grad, c = alpha:  grad_fx = (grad * m) * alpha, fx not read
+struct ResidualGradFx {
+  static constexpr bool kTwoInputs = false;
+  static constexpr int kFloat64Blocks = 2;
+  template <bool kDropout, class M>
+  static __device__ __forceinline__ M apply(M g, M /*unused*/, M a, M m, M& /*contrib*/) {
+    if (kDropout) g *= m;
+    return g * a;
+  }
+};
+
 bool per_channel(int64_t alpha_len) { return alpha_len > 1; }
 
 }  // namespace
@@ -51,7 +63,8 @@ cudaError_t residual_forward(DType dtype, void* y, const void* x, const void* fx
 }
 
 size_t residual_backward_workspace_bytes(DType dtype, int64_t n, int64_t channels,
-                                         int64_t alpha_len, int device) {
+                                         int64_t alpha_len, bool grad_alpha, int device) {
+  if (!grad_alpha) return 0;
   return per_channel(alpha_len) ? column_workspace_bytes(dtype, n, channels, device)
                                 : flat_workspace_bytes(dtype, n, device);
 }
@@ -69,6 +82,11 @@ cudaError_t residual_backward(DType dtype, void* grad_fx, void* grad_alpha, void
     const M* a = static_cast<const M*>(alpha);
     M* ws = static_cast<M*>(workspace);
     M* ga = static_cast<M*>(grad_alpha);
+    if (ga == nullptr)
+      return with_bool(per_channel(alpha_len), [&](auto pc) {
+        return launch_flat<T, ResidualGradFx, decltype(pc)::value, false>(
+            out, g, nullptr, a, n, channels, nullptr, nullptr, dropout, stream);
+      });
     if (per_channel(alpha_len))
       return launch_columns<T, ResidualBackward>(out, g, f, a, n, channels, ws, ga, dropout,
                                                  stream);

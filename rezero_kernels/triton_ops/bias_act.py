@@ -5,7 +5,7 @@ Activations are chosen by the constexpr ``ACT``, the activation's code in python
 (0 identity, 1 relu, 2 gelu (erf), 3 gelu_tanh, 4 silu); a code without a formula here fails to
 compile.  Backward computes ``dz = mask * dy / (1-p) * act'(h + bias)`` and
 ``dbias = sum_rows(dz)`` from fp32 per-group partials summed in a fixed order (deterministic,
-no atomics).  What is kept for backward:
+no atomics; only when the bias needs a gradient).  What is kept for backward:
   relu      the output y only: y > 0 exactly where the gradient flows (kept and h + bias > 0),
             so neither h, bias nor the mask is needed (the kernel runs with ``seed=None``: it
             applies the 1/(1-p) scale and no mask)
@@ -89,13 +89,15 @@ def _bias_act_fwd(h_ptr, bias_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, threshold,
 
 
 @triton.autotune(configs=elementwise_configs(reduction=True),
-                 key=["C", "M_BUCKET", "ACT", "ADD_BIAS", "DROPOUT", "STORE_GRAD", "FP64"],
+                 key=["C", "M_BUCKET", "ACT", "ADD_BIAS", "DROPOUT", "STORE_GRAD", "REDUCE",
+                      "FP64"],
                  prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
 def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_BUCKET,
                   group_rows, threshold, scale, scale_lo, ACT: tl.constexpr,
                   ADD_BIAS: tl.constexpr, DROPOUT: tl.constexpr, STORE_GRAD: tl.constexpr,
-                  FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
+                  REDUCE: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_C: tl.constexpr):
     col_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
     group = (pid // col_blocks).to(tl.int64)
@@ -118,29 +120,31 @@ def _bias_act_bwd(dy_ptr, z_ptr, bias_ptr, seed_ptr, dz_ptr, part_ptr, M, C, M_B
             dz = tl.where(inside, dz * activation_grad(z, ACT), 0.0)
         if STORE_GRAD:
             tl.store(dz_ptr + offs, dz.to(dz_ptr.dtype.element_ty), mask=inside)
-        acc += dz
-    tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
+        if REDUCE:
+            acc += dz
+    if REDUCE:
+        tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
 def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                   act: int, p: float, seed: Optional[torch.Tensor], dtype: torch.dtype,
-                  store: bool):
+                  store: bool, reduce: bool = True):
     """``dz = mask * grad / (1-p) * act'(z [+ bias])`` (mask only where ``seed`` is given; z is
     not read for identity) as ``dtype`` (None unless ``store``), and its column sums (fp32, or
-    fp64 for float64)."""
+    fp64 for float64; None unless ``reduce``)."""
     C = grad.shape[-1]
     M = grad.numel() // C if C else 0
     groups = row_groups(M)
     sum_dtype = math_dtype(torch.promote_types(grad.dtype, dtype))
-    partial = torch.zeros((groups, C), dtype=sum_dtype, device=grad.device)
+    partial = torch.zeros((groups if reduce else 0, C), dtype=sum_dtype, device=grad.device)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
     if grad.numel() and not skip_launch(grad):
         launch(_bias_act_bwd, reduction_grid(groups, C), grad.device,
                grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
                bucket(M), triton.cdiv(M, groups), *dropout_args(p), ACT=act,
                ADD_BIAS=int(bias is not None), DROPOUT=int(seed is not None),
-               STORE_GRAD=int(store), FP64=int(sum_dtype == torch.float64))
-    return dz, partial.sum(0)
+               STORE_GRAD=int(store), REDUCE=int(reduce), FP64=int(sum_dtype == torch.float64))
+    return dz, partial.sum(0) if reduce else None
 
 
 @define_op("bias_act_dropout")
@@ -159,11 +163,12 @@ def bias_act(h: torch.Tensor, bias: torch.Tensor, act: int, p: float,
 
 @define_op("bias_act_dropout_backward")
 def bias_act_backward(grad: torch.Tensor, z: torch.Tensor, bias: Optional[torch.Tensor],
-                      act: int, p: float, seed: Optional[torch.Tensor]
+                      act: int, p: float, seed: Optional[torch.Tensor], reduce: bool
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad of h, column sums of it in fp32/fp64: the grad of bias before its cast)."""
-    grad_h, grad_bias = bias_act_grad(grad, z, bias, act, p, seed, z.dtype, True)
-    return grad_h, grad_bias
+    """(grad of h, column sums of it in fp32/fp64: the grad of bias before its cast; an empty
+    tensor without ``reduce``)."""
+    grad_h, grad_bias = bias_act_grad(grad, z, bias, act, p, seed, z.dtype, True, reduce)
+    return grad_h, grad_h.new_empty(0) if grad_bias is None else grad_bias
 
 
 def _setup(ctx, inputs, output):
@@ -177,8 +182,12 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     z, bias, seed = ctx.saved_tensors
-    grad_h, grad_bias = bias_act_backward(grad, z, bias, ctx.act, ctx.p, seed)
-    return grad_h, grad_bias.to(ctx.bias_dtype), None, None, None
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None, None
+    grad_h, grad_bias = bias_act_backward(grad, z, bias, ctx.act, ctx.p, seed,
+                                          ctx.needs_input_grad[1])
+    return (grad_h if ctx.needs_input_grad[0] else None,
+            grad_bias.to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None, None, None, None)
 
 
 bias_act.register_autograd(_backward, setup_context=_setup)

@@ -140,28 +140,38 @@ def linear_residual(x: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor, bi
 @define_op("linear_residual_backward")
 def linear_residual_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
                              bias: torch.Tensor, alpha: torch.Tensor, p: float,
-                             seed: Optional[torch.Tensor]
+                             seed: Optional[torch.Tensor], output_mask: list[bool]
                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grads of (inp, weight, bias, alpha)."""
+    """Grads of (inp, weight, bias, alpha); those ``output_mask`` leaves out are empty tensors,
+    and their GEMMs and column sums are skipped."""
+    want_inp, want_weight, want_bias, want_alpha = output_mask
     N, K = weight.shape
     M = _rows(grad)
     grad2 = grad.reshape(M, N)
     # dy' = mask * dy / (1-p) in the GEMM dtype, and its column sums
     cast = seed is not None or grad.dtype != inp.dtype
-    dyp, colsum = bias_act_grad(grad2, None, None, 0, p, seed, inp.dtype, cast)
+    sums = want_bias or want_alpha
+    dyp, colsum = bias_act_grad(grad2, None, None, 0, p, seed, inp.dtype, cast, sums)
     dyp = dyp if cast else grad2
-    inp2 = inp.reshape(M, K)
     acc_dtype = math_dtype(inp.dtype)
-    g = torch.zeros((N, K), dtype=acc_dtype, device=grad.device)
-    _gemm(dyp.t(), inp2.t(), g)  # G = dy'^T inp, fp32
-    colsum = colsum.to(acc_dtype)
     a = alpha.to(acc_dtype)
-    grad_weight = (a.view(-1, 1) * g).to(weight.dtype)
-    grad_bias = (a * colsum).to(bias.dtype)
-    per_row = (weight.to(acc_dtype) * g).sum(1) + bias.to(acc_dtype) * colsum
-    grad_alpha = per_row if alpha.numel() > 1 else per_row.sum().reshape(1)
-    grad_inp = torch.matmul(dyp, (a.view(-1, 1) * weight.to(acc_dtype)).to(inp.dtype))
-    return grad_inp.reshape(inp.shape), grad_weight, grad_bias, grad_alpha.to(alpha.dtype)
+    grad_inp, grad_weight, grad_bias, grad_alpha = (grad.new_empty(0) for _ in range(4))
+    if want_weight or want_alpha:
+        g = torch.zeros((N, K), dtype=acc_dtype, device=grad.device)
+        _gemm(dyp.t(), inp.reshape(M, K).t(), g)  # G = dy'^T inp, fp32
+    if sums:
+        colsum = colsum.to(acc_dtype)
+    if want_weight:
+        grad_weight = (a.view(-1, 1) * g).to(weight.dtype)
+    if want_bias:
+        grad_bias = (a * colsum).to(bias.dtype)
+    if want_alpha:
+        per_row = (weight.to(acc_dtype) * g).sum(1) + bias.to(acc_dtype) * colsum
+        grad_alpha = (per_row if alpha.numel() > 1 else per_row.sum().reshape(1)).to(alpha.dtype)
+    if want_inp:
+        w = (a.view(-1, 1) * weight.to(acc_dtype)).to(inp.dtype)
+        grad_inp = torch.matmul(dyp, w).reshape(inp.shape)
+    return grad_inp, grad_weight, grad_bias, grad_alpha
 
 
 def _residual_setup(ctx, inputs, output):
@@ -170,10 +180,17 @@ def _residual_setup(ctx, inputs, output):
     ctx.save_for_backward(inp, weight, bias, alpha, seed)
 
 
+def _wanted(grads, mask):
+    """The gradients of an autograd backward: None where the mask leaves one out."""
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+
 def _residual_backward(ctx, grad):
     inp, weight, bias, alpha, seed = ctx.saved_tensors
-    grads = linear_residual_backward(grad, inp, weight, bias, alpha, ctx.p, seed)
-    return (grad, *grads, None, None)
+    mask = list(ctx.needs_input_grad[1:5])
+    grads = (linear_residual_backward(grad, inp, weight, bias, alpha, ctx.p, seed, mask)
+             if any(mask) else (None,) * 4)
+    return (grad if ctx.needs_input_grad[0] else None, *_wanted(grads, mask), None, None)
 
 
 linear_residual.register_autograd(_residual_backward, setup_context=_residual_setup)
@@ -198,20 +215,22 @@ def linear_act(inp: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, act:
 @define_op("linear_act_backward")
 def linear_act_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Tensor,
                         z: Optional[torch.Tensor], act: int, p: float,
-                        seed: Optional[torch.Tensor]
+                        seed: Optional[torch.Tensor], output_mask: list[bool]
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Grads of (inp, weight) and the column sums of dz (the grad of bias before its cast)."""
+    """Grads of (inp, weight) and the column sums of dz (the grad of bias before its cast);
+    those ``output_mask`` leaves out are empty tensors, and their GEMMs or sums are skipped."""
+    want_inp, want_weight, want_bias = output_mask
     N, K = weight.shape
     M = _rows(grad)
     grad2 = grad.reshape(M, N)
     reads_z = BACKWARD_NEEDS[act] != "nothing"
     store = reads_z or seed is not None or grad.dtype != inp.dtype
     dz, colsum = bias_act_grad(grad2, z.reshape(M, N) if reads_z else None, None, act, p, seed,
-                               inp.dtype, store)
+                               inp.dtype, store, want_bias)
     dz = dz if store else grad2
-    grad_inp = torch.matmul(dz, weight).reshape(inp.shape)
-    grad_weight = torch.matmul(dz.t(), inp.reshape(M, K))
-    return grad_inp, grad_weight, colsum
+    grad_inp = torch.matmul(dz, weight).reshape(inp.shape) if want_inp else grad.new_empty(0)
+    grad_weight = torch.matmul(dz.t(), inp.reshape(M, K)) if want_weight else grad.new_empty(0)
+    return grad_inp, grad_weight, colsum if want_bias else grad.new_empty(0)
 
 
 def _act_setup(ctx, inputs, output):
@@ -227,9 +246,13 @@ def _act_setup(ctx, inputs, output):
 
 def _act_backward(ctx, grad, grad_pre):
     inp, weight, z, seed = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:3])
+    if not any(mask):
+        return (None,) * 7
     grad_inp, grad_weight, grad_bias = linear_act_backward(grad, inp, weight, z, ctx.act, ctx.p,
-                                                           seed)
-    return grad_inp, grad_weight, grad_bias.to(ctx.bias_dtype), None, None, None, None
+                                                           seed, mask)
+    return (*_wanted((grad_inp, grad_weight, grad_bias.to(ctx.bias_dtype)), mask),
+            None, None, None, None)
 
 
 linear_act.register_autograd(_act_backward, setup_context=_act_setup)

@@ -1,7 +1,8 @@
 """``y = x + alpha * dropout(fx)`` in one pass, and its backward.
 
 Backward: ``dx = dy`` (grad_output itself), ``dfx = alpha * mask * dy / (1-p)`` and
-``dalpha = sum(dy * dropout(fx))`` (per channel for a per-channel alpha).  The backward kernel
+``dalpha = sum(dy * dropout(fx))`` (per channel for a per-channel alpha; only when alpha needs a
+gradient: a frozen gate's backward neither reads fx nor reduces).  The backward kernel
 splits the rows into ``row_groups`` groups; each program walks its group's rows for one block
 of channels and writes an fp32 partial sum per channel; the partials (groups x C) are then summed
 by ``torch.sum`` in a fixed order, so dalpha is deterministic and needs no atomics.
@@ -47,13 +48,13 @@ def _residual_fwd(x_ptr, fx_ptr, alpha_ptr, seed_ptr, out_ptr, M, C, M_BUCKET, t
 
 
 @triton.autotune(configs=elementwise_configs(reduction=True),
-                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "FP64"],
+                 key=["C", "M_BUCKET", "PER_CHANNEL", "DROPOUT", "REDUCE", "FP64"],
                  prune_configs_by={"early_config_prune": elementwise_prune})
 @triton.jit(do_not_specialize=["threshold", "M_BUCKET"])
 def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, M_BUCKET,
                   group_rows, threshold, scale, scale_lo, PER_CHANNEL: tl.constexpr,
-                  DROPOUT: tl.constexpr, FP64: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_C: tl.constexpr):
+                  DROPOUT: tl.constexpr, REDUCE: tl.constexpr, FP64: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr):
     col_blocks = tl.cdiv(C, BLOCK_C)
     pid = tl.program_id(0)
     group = (pid // col_blocks).to(tl.int64)
@@ -71,9 +72,11 @@ def _residual_bwd(dy_ptr, fx_ptr, alpha_ptr, seed_ptr, dfx_ptr, part_ptr, M, C, 
         dy = to_math(tl.load(dy_ptr + offs, mask=inside, other=0.0), FP64)
         dy = dropout(dy, seed_ptr, rows, col0, threshold, scale, scale_lo, DROPOUT, FP64, BLOCK_C)
         tl.store(dfx_ptr + offs, (a * dy).to(dfx_ptr.dtype.element_ty), mask=inside)
-        fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
-        acc += dy * fx
-    tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
+        if REDUCE:
+            fx = to_math(tl.load(fx_ptr + offs, mask=inside, other=0.0), FP64)
+            acc += dy * fx
+    if REDUCE:
+        tl.store(part_ptr + group * C + cols, tl.sum(acc, axis=0), mask=cols < C)
 
 
 @define_op("residual")
@@ -93,18 +96,24 @@ def residual(x: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
 
 @define_op("residual_backward")
 def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor, p: float,
-                      seed: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad of fx, grad of alpha)."""
+                      seed: Optional[torch.Tensor], reduce: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad of fx, grad of alpha); without ``reduce`` grad of alpha is an empty tensor and fx
+    is not read."""
     C = fx.shape[-1] if fx.dim() else 1
     M = fx.numel() // C if C else 0
     groups = row_groups(M)
     grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
-    partial = torch.zeros((groups, C), dtype=math_dtype(fx.dtype), device=fx.device)
+    partial = torch.zeros((groups if reduce else 0, C), dtype=math_dtype(fx.dtype),
+                          device=fx.device)
     if fx.numel() and not skip_launch(fx):
         launch(_residual_bwd, reduction_grid(groups, C), fx.device,
                grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, bucket(M),
                triton.cdiv(M, groups), *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
-               DROPOUT=int(seed is not None), FP64=int(fx.dtype == torch.float64))
+               DROPOUT=int(seed is not None), REDUCE=int(reduce),
+               FP64=int(fx.dtype == torch.float64))
+    if not reduce:
+        return grad_fx, alpha.new_empty(0)
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
     return grad_fx, grad_alpha.to(alpha.dtype)
 
@@ -117,8 +126,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     fx, alpha, seed = ctx.saved_tensors
-    grad_fx, grad_alpha = residual_backward(grad, fx, alpha, ctx.p, seed)
-    return grad, grad_fx, grad_alpha, None, None
+    if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+        return grad, None, None, None, None
+    grad_fx, grad_alpha = residual_backward(grad, fx, alpha, ctx.p, seed, ctx.needs_input_grad[2])
+    return (grad, grad_fx if ctx.needs_input_grad[1] else None,
+            grad_alpha if ctx.needs_input_grad[2] else None, None, None)
 
 
 residual.register_autograd(_backward, setup_context=_setup)

@@ -40,7 +40,8 @@ def _run(fn, inputs, grad: bool):
 def warmup(rows: Union[int, Iterable[int]], features: int, hidden: Optional[int] = None, *,
            dtype: torch.dtype = torch.float32, device="cuda", activation: str = "gelu",
            dropout_p: float = 0.1, per_channel: bool = False,
-           residual_dtype: Optional[torch.dtype] = None, grad: bool = True) -> None:
+           residual_dtype: Optional[torch.dtype] = None, grad: bool = True,
+           frozen: bool = False) -> None:
     """Tune every kernel that the fused ops of a ReZero block launch on ``rows`` rows (an int or
     several; one per power-of-two bucket runs), forward and (``grad``) backward, with dropout
     ``dropout_p`` and without (evaluation):
@@ -52,7 +53,8 @@ def warmup(rows: Union[int, Iterable[int]], features: int, hidden: Optional[int]
 
     ``hidden`` defaults to ``features``.  ``dtype`` is the dtype of the data and GEMM
     operands; ``residual_dtype`` that of the residual stream x and the gate when it differs
-    (float32 under autocast with 16-bit operands).
+    (float32 under autocast with 16-bit operands).  ``frozen`` also tunes the backward of a
+    frozen gate and bias (``requires_grad=False``), whose kernels skip the reductions.
     """
     hidden = hidden or features
     residual_dtype = residual_dtype or dtype
@@ -64,10 +66,11 @@ def warmup(rows: Union[int, Iterable[int]], features: int, hidden: Optional[int]
     for m in first_of_bucket.values():
         for p in ps:
             _block(m, features, hidden, dtype, torch.device(device), activation, p, per_channel,
-                   residual_dtype, grad)
+                   residual_dtype, grad, frozen)
 
 
-def _block(m, features, hidden, dtype, device, activation, p, per_channel, residual_dtype, grad):
+def _block(m, features, hidden, dtype, device, activation, p, per_channel, residual_dtype, grad,
+           frozen):
     def randn(*shape, dt=dtype):
         return torch.randn(*shape, dtype=dt, device=device)
 
@@ -83,5 +86,13 @@ def _block(m, features, hidden, dtype, device, activation, p, per_channel, resid
     _run(lambda i, w, b: linear_bias_act_dropout(i, w, b, activation, p), ff, False)
     if grad:
         _run(lambda i, w, b: linear_bias_act_dropout(i, w, b, activation, p), ff, True)
-    _run(lambda h, b: bias_act_dropout(h, b, activation, p), [randn(m, hidden), randn(hidden)],
-         grad)
+    bias = randn(hidden)
+    _run(lambda h, b: bias_act_dropout(h, b, activation, p), [randn(m, hidden), bias], grad)
+    if grad and frozen:  # alpha and bias fixed: closed over, not differentiated
+        _run(lambda x, fx: rezero_residual(x, fx, alpha, p),
+             [x, randn(m, features, dt=residual_dtype)], True)
+        _run(lambda h: bias_act_dropout(h, bias, activation, p), [randn(m, hidden)], True)
+        out_bias = randn(features)
+        _run(lambda x, i, w: rezero_linear(x, i, w, out_bias, alpha, p),
+             [x, randn(m, features), randn(features, features) / features ** 0.5], True)
+        _run(lambda i, w: linear_bias_act_dropout(i, w, ff[2], activation, p), ff[:2], True)

@@ -1,7 +1,8 @@
 // The feed-forward epilogue on CPU: y = dropout(act(h + bias)), and its backward
-//   grad_h = grad * mask * scale * act'(h + bias),  grad_bias = column sums of grad_h.
-// Only h and bias are saved; the mask is regenerated from the seed.  The activations (formulas
-// in ../../activations.h) run on at::vec vectors (std::erf / std::tanh would be scalar calls).
+//   grad_h = grad * mask * scale * act'(h + bias),  grad_bias = column sums of grad_h
+// (only when asked for).  A missing bias reads as zeros.  Only h and bias are saved; the mask is
+// regenerated from the seed.  The activations (formulas in ../../activations.h) run on at::vec
+// vectors (std::erf / std::tanh would be scalar calls).
 // Bound to the op in ../bias_act_dropout.cpp.
 #include "variant.h"
 
@@ -45,22 +46,29 @@ void store_forward(T* __restrict y, const M* __restrict z, const M* __restrict m
   for (int64_t j = 0; j < n; ++j) y[j] = static_cast<T>(kDropout ? z[j] * m[j] : z[j]);
 }
 
-template <typename T, typename M, bool kDropout>
+template <typename T, typename M, bool kDropout, bool kReduce>
 void store_backward(T* __restrict gh, M* __restrict acc, const M* __restrict g,
                     const M* __restrict dz, const M* __restrict m, int64_t n) {
   for (int64_t j = 0; j < n; ++j) {
     M v = g[j] * dz[j];
     if constexpr (kDropout) v *= m[j];
     gh[j] = static_cast<T>(v);
-    acc[j] += v;
+    if constexpr (kReduce) acc[j] += v;
   }
 }
 
 constexpr int64_t kSub = 64;
 
-// One kernel for both directions: forward writes y; backward writes grad_h and the per-block
-// column sums of grad_h into partials.
-template <typename T, Act kAct, bool kDropout, bool kGrad>
+// The bias of a sub-piece of k <= kSub columns: zeros when there is no bias.
+template <typename M>
+const M* bias_at(const M* bias, int64_t col) {
+  alignas(64) static constexpr M kZeros[kSub] = {};
+  return bias != nullptr ? bias + col : kZeros;
+}
+
+// One kernel for both directions: forward writes y; backward writes grad_h and, with kReduce,
+// the per-block column sums of grad_h into partials.
+template <typename T, Act kAct, bool kDropout, bool kGrad, bool kReduce>
 void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
             const at::opmath_type<T>* bias, const RowLayout& l, const Dropout& d) {
   using M = at::opmath_type<T>;
@@ -77,15 +85,16 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
         const int64_t k = std::min(kSub, n - o), i = s + o;
         const M* hs = read_math(h + i, hb, k);
         if constexpr (kGrad)
-          add_bias_load_grad(z, gz, hs, bias + col + o, read_math(grad + i, gb, k), k);
+          add_bias_load_grad(z, gz, hs, bias_at(bias, col + o), read_math(grad + i, gb, k), k);
         else
-          add_bias(z, hs, bias + col + o, k);
+          add_bias(z, hs, bias_at(bias, col + o), k);
         activate_in_place<kAct, kGrad>(z, k);
         write_rounded<T, M>(out + i, k, [&](auto* dst) {
           using O = std::remove_pointer_t<decltype(dst)>;
           if constexpr (kGrad)
-            store_backward<O, M, kDropout>(dst, partials + b * l.width + col + o, gz, z,
-                                           kDropout ? m + o : nullptr, k);
+            store_backward<O, M, kDropout, kReduce>(
+                dst, kReduce ? partials + b * l.width + col + o : nullptr, gz, z,
+                kDropout ? m + o : nullptr, k);
           else
             store_forward<O, M, kDropout>(dst, z, kDropout ? m + o : nullptr, k);
         });
@@ -94,38 +103,44 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
   });
 }
 
+// kGrad: backward (grad given), with the column sums unless grad_bias is nullptr.
 template <bool kGrad>
 void run(at::Tensor& out, at::Tensor* grad_bias, const at::Tensor* grad, const at::Tensor& h,
-         const at::Tensor& bias, Act act, const Dropout& d) {
+         const at::Tensor* bias, Act act, const Dropout& d) {
   const auto l = RowLayout::make(h.numel(), channels_of(h), /*per_channel=*/true);
   dispatch_float_types(h.scalar_type(), [&](auto t) {
     using T = decltype(t);
     using M = at::opmath_type<T>;
-    std::vector<M> partials(kGrad ? l.blocks * l.width : 0, M(0));
+    const bool reduce = kGrad && grad_bias != nullptr;
+    std::vector<M> partials(reduce ? l.blocks * l.width : 0, M(0));
+    const M* bp = bias != nullptr ? bias->data_ptr<M>() : nullptr;
     bool_dispatch(d.enabled, [&](auto dr) {
-      constexpr bool kDrop = decltype(dr)::value;
-      const T* gp = kGrad ? grad->data_ptr<T>() : nullptr;
-      with_activation(act, [&](auto a) {
-        kernel<T, decltype(a)::value, kDrop, kGrad>(out.data_ptr<T>(), partials.data(), gp,
-                                                    h.data_ptr<T>(), bias.data_ptr<M>(), l, d);
+      return bool_dispatch(reduce, [&](auto rd) {
+        constexpr bool kDrop = decltype(dr)::value, kReduce = kGrad && decltype(rd)::value;
+        const T* gp = kGrad ? grad->data_ptr<T>() : nullptr;
+        with_activation(act, [&](auto a) {
+          kernel<T, decltype(a)::value, kDrop, kGrad, kReduce>(out.data_ptr<T>(),
+                                                               partials.data(), gp,
+                                                               h.data_ptr<T>(), bp, l, d);
+        });
+        return 0;
       });
-      return 0;
     });
-    if constexpr (kGrad) sum_partials(partials, l.blocks, l.width, grad_bias->data_ptr<M>());
+    if (reduce) sum_partials(partials, l.blocks, l.width, grad_bias->data_ptr<M>());
   });
 }
 
 }  // namespace
 
-void bias_act_dropout(at::Tensor& y, const at::Tensor& h, const at::Tensor& bias, Act act,
+void bias_act_dropout(at::Tensor& y, const at::Tensor& h, const at::Tensor* bias, Act act,
                       const Dropout& d) {
   run<false>(y, nullptr, nullptr, h, bias, act, d);
 }
 
-void bias_act_dropout_backward(at::Tensor& grad_h, at::Tensor& grad_bias, const at::Tensor& grad,
-                               const at::Tensor& h, const at::Tensor& bias, Act act,
+void bias_act_dropout_backward(at::Tensor& grad_h, at::Tensor* grad_bias, const at::Tensor& grad,
+                               const at::Tensor& h, const at::Tensor* bias, Act act,
                                const Dropout& d) {
-  run<true>(grad_h, &grad_bias, &grad, h, bias, act, d);
+  run<true>(grad_h, grad_bias, &grad, h, bias, act, d);
 }
 
 }  // namespace rezero::cpu::CPU_CAPABILITY

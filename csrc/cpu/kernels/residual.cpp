@@ -1,7 +1,8 @@
 // The ReZero residual update on CPU: y = x + alpha * dropout(fx), and its backward
 //   grad_fx = alpha * mask * scale * grad,  grad_alpha = sum(grad * mask * scale * fx)
-// (grad_x is grad itself and never reaches this file).  One pass over memory each way; the mask
-// is regenerated from the seed in backward, never stored.  Bound to the op in ../residual.cpp.
+// (grad_x is grad itself and never reaches this file; without grad_alpha fx is not read).  One
+// pass over memory each way; the mask is regenerated from the seed in backward, never stored.
+// Bound to the op in ../residual.cpp.
 #include "variant.h"
 
 #include <type_traits>
@@ -24,9 +25,9 @@ void forward_piece(O* __restrict y, const M* __restrict x, const M* __restrict f
   }
 }
 
-// Writes grad_fx for the piece; returns its contribution to a scalar grad_alpha, or adds it
-// per channel to acc.
-template <typename O, typename M, bool kPerChannel, bool kDropout>
+// Writes grad_fx for the piece; with kReduce returns its contribution to a scalar grad_alpha,
+// or adds it per channel to acc (without, f is not read).
+template <typename O, typename M, bool kPerChannel, bool kDropout, bool kReduce>
 M backward_piece(O* __restrict gf, M* __restrict acc, const M* __restrict g,
                  const M* __restrict f, const M* __restrict a, const M* __restrict m, int64_t n) {
   M total = 0;
@@ -35,9 +36,11 @@ M backward_piece(O* __restrict gf, M* __restrict acc, const M* __restrict g,
     M gj = g[j];
     if constexpr (kDropout) gj *= m[j];
     gf[j] = static_cast<O>(gj * (kPerChannel ? a[j] : a[0]));
-    const M contribution = gj * f[j];
-    if constexpr (kPerChannel) acc[j] += contribution;
-    else total += contribution;
+    if constexpr (kReduce) {
+      const M contribution = gj * f[j];
+      if constexpr (kPerChannel) acc[j] += contribution;
+      else total += contribution;
+    }
   }
   return total;
 }
@@ -67,36 +70,36 @@ void forward_kernel(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx,
   });
 }
 
-template <typename T, bool kPerChannel, bool kDropout>
-void backward_kernel(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tensor& grad,
+template <typename T, bool kPerChannel, bool kDropout, bool kReduce>
+void backward_kernel(at::Tensor& grad_fx, at::Tensor* grad_alpha, const at::Tensor& grad,
                      const at::Tensor& fx, const at::Tensor& alpha, const Dropout& d) {
   using M = at::opmath_type<T>;
   const auto l = RowLayout::make(fx.numel(), channels_of(fx), kPerChannel);
   const int64_t len = kPerChannel ? l.width : 1;
-  std::vector<M> partials(l.blocks * len, M(0));
+  std::vector<M> partials(kReduce ? l.blocks * len : 0, M(0));
   T* gfp = grad_fx.data_ptr<T>();
   const T* gp = grad.data_ptr<T>();
   const T* fp = fx.data_ptr<T>();
   const M* ap = alpha.data_ptr<M>();
   parallel_blocks(l, [&](int64_t b, int64_t r0, int64_t r1) {
     ScaleBuffer<M> buf;
-    M gbuf[std::is_same_v<T, M> ? 1 : kTile], fbuf[std::is_same_v<T, M> ? 1 : kTile];
-    M* acc = partials.data() + b * len;
+    M gbuf[std::is_same_v<T, M> ? 1 : kTile], fbuf[std::is_same_v<T, M> || !kReduce ? 1 : kTile];
+    M* acc = kReduce ? partials.data() + b * len : nullptr;
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
       const M* a = ap + (kPerChannel ? col : 0);
       const M* gs = read_math(gp + s, gbuf, n);
-      const M* fs = read_math(fp + s, fbuf, n);
+      const M* fs = kReduce ? read_math(fp + s, fbuf, n) : nullptr;
       M total = 0;
       write_rounded<T, M>(gfp + s, n, [&](auto* out) {
         using O = std::remove_pointer_t<decltype(out)>;
-        total = backward_piece<O, M, kPerChannel, kDropout>(
-            out, acc + (kPerChannel ? col : 0), gs, fs, a, m, n);
+        total = backward_piece<O, M, kPerChannel, kDropout, kReduce>(
+            out, kReduce ? acc + (kPerChannel ? col : 0) : nullptr, gs, fs, a, m, n);
       });
-      if constexpr (!kPerChannel) acc[0] += total;
+      if constexpr (kReduce && !kPerChannel) acc[0] += total;
     });
   });
-  sum_partials(partials, l.blocks, len, grad_alpha.data_ptr<M>());
+  if constexpr (kReduce) sum_partials(partials, l.blocks, len, grad_alpha->data_ptr<M>());
 }
 
 // Calls f(T{}, per_channel, dropout) with compile-time flags for the dtype of `data`.
@@ -120,11 +123,14 @@ void residual(at::Tensor& y, const at::Tensor& x, const at::Tensor& fx, const at
   });
 }
 
-void residual_backward(at::Tensor& grad_fx, at::Tensor& grad_alpha, const at::Tensor& grad,
+void residual_backward(at::Tensor& grad_fx, at::Tensor* grad_alpha, const at::Tensor& grad,
                        const at::Tensor& fx, const at::Tensor& alpha, const Dropout& d) {
   dispatch_residual(fx, alpha, d, [&](auto t, auto pc, auto dr) {
-    backward_kernel<decltype(t), decltype(pc)::value, decltype(dr)::value>(grad_fx, grad_alpha,
-                                                                           grad, fx, alpha, d);
+    bool_dispatch(grad_alpha != nullptr, [&](auto reduce) {
+      backward_kernel<decltype(t), decltype(pc)::value, decltype(dr)::value,
+                      decltype(reduce)::value>(grad_fx, grad_alpha, grad, fx, alpha, d);
+      return 0;
+    });
   });
 }
 
