@@ -55,7 +55,7 @@ at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at:
                            const at::Tensor& seed) {
   check_args(x, inp, weight, bias);
   at::Tensor f = at::addmm(bias, as_matrix(inp), weight.t());
-  f = in_type(f.view(x.sizes()), x.scalar_type());
+  f = in_type(with_sizes(f, x.sizes()), x.scalar_type());
   return ops::residual().call(x, f, alpha, p, seed);
 }
 
@@ -93,7 +93,7 @@ TensorQuad linear_residual_backward(const at::Tensor& grad, const at::Tensor& in
     if (mask[1]) grad_weight = at::mm(in_type(dy2 * alpha, dtype).t(), inp2);
     if (mask[0] || mask[3]) {
       const at::Tensor h = mm_math(dy2, weight);  // (rows, in), math type
-      if (mask[0]) grad_inp = in_type(h * alpha, dtype).view(inp.sizes());
+      if (mask[0]) grad_inp = with_sizes(in_type(h * alpha, dtype), inp.sizes());
       if (mask[3])
         grad_alpha = (at::dot(h.view(-1), in_type(inp2, math).reshape(-1)) + bias_term())
                          .reshape({1});
@@ -103,7 +103,8 @@ TensorQuad linear_residual_backward(const at::Tensor& grad, const at::Tensor& in
   const at::Tensor alpha_rows = alpha.view({-1, 1});
   at::Tensor g;
   if (mask[1] || mask[3]) g = mm_math(dy2.t(), inp2);  // (out, in), math type
-  if (mask[0]) grad_inp = at::mm(dy2, in_type(weight * alpha_rows, dtype)).view(inp.sizes());
+  if (mask[0])
+    grad_inp = with_sizes(at::mm(dy2, in_type(weight * alpha_rows, dtype)), inp.sizes());
   if (mask[3] && scalar)
     grad_alpha = (at::dot(in_type(weight, math).view(-1), g.view(-1)) + bias_term()).reshape({1});
   else if (mask[3])

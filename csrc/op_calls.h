@@ -49,9 +49,16 @@ REZERO_OP(rezero_fc_backward, "rezero_kernels::rezero_fc_backward",
 }  // namespace ops
 #undef REZERO_OP
 
-// t as (product of the leading dimensions, last dimension); in_features == 0 works.
+// t as (product of the leading dimensions, last dimension); in_features == 0 works.  A matrix
+// is returned as it is (a reshape or view costs a dispatch even when it changes nothing).
 inline at::Tensor as_matrix(const at::Tensor& t) {
+  if (t.dim() == 2) return t;
   return t.reshape({c10::multiply_integers(t.sizes().slice(0, t.dim() - 1)), t.size(-1)});
+}
+
+// t viewed with `sizes` (t itself when it has them).
+inline at::Tensor with_sizes(const at::Tensor& t, at::IntArrayRef sizes) {
+  return t.sizes().equals(sizes) ? t : t.view(sizes);
 }
 
 // t as `type`: t itself when it has that type already (no dispatch at all).

@@ -61,9 +61,8 @@ TensorPair rezero_fc(const at::Tensor& x, const at::Tensor& weight, const OptTen
   const Act act = parse_activation(activation);
   const OptTensor b = activation_bias(bias, x);
   const at::Tensor x2 = as_matrix(x);
-  const at::Tensor f =
-      (present(bias) && !b ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()))
-          .view(x.sizes());
+  const at::Tensor f = with_sizes(
+      present(bias) && !b ? at::addmm(*bias, x2, weight.t()) : at::mm(x2, weight.t()), x.sizes());
   const at::Tensor a = act == Act::kIdentity && !b
                            ? f
                            : ops::bias_act_dropout().call(f, b, activation, 0.0, seed);
@@ -97,7 +96,7 @@ TensorQuad rezero_fc_backward(const at::Tensor& grad, const at::Tensor& x,
     std::tie(grad_f, column_sums) = ops::bias_act_dropout_backward().call(
         grad_a, kept, kept_bias, activation, 0.0, seed, {true, mask[2]});
   grad_f = as_matrix(grad_f);
-  if (mask[0]) grad_x = at::addmm(as_matrix(grad), grad_f, weight).view(x.sizes());
+  if (mask[0]) grad_x = with_sizes(at::addmm(as_matrix(grad), grad_f, weight), x.sizes());
   if (mask[1]) grad_weight = at::mm(grad_f.t(), as_matrix(x));
   if (mask[2])
     grad_bias = column_sums.defined() ? in_type(column_sums, weight.scalar_type()) : grad_f.sum(0);
