@@ -42,6 +42,9 @@ def _parse(argv):
     ap.add_argument("--tuned-malloc", action="store_true",
                     help="re-exec with MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ = 16 GiB")
     ap.add_argument("--list", action="store_true", help="print the case names and exit")
+    ap.add_argument("--budget", type=float, default=None, metavar="SECONDS",
+                    help="start no case after SECONDS: the cases run so far are still reported "
+                         "and written (what ./dev.sh gpu uses to stay inside its time limit)")
     return ap.parse_args(argv)
 
 
@@ -94,9 +97,14 @@ def main(argv=None) -> int:
     print(f"{len(selected)} cases; each case's variants are timed in alternation "
           f"(rotated order per round), medians reported\n")
 
-    rows, started = [], time.perf_counter()
+    rows, started, skipped = [], time.perf_counter(), []
     for i, case in enumerate(selected, 1):
         t0 = time.perf_counter()
+        if args.budget is not None and t0 - started >= args.budget:
+            skipped = [c.name for c in selected[i - 1:]]
+            print(f"budget of {args.budget:g} s spent: {len(skipped)} cases not run: "
+                  + ", ".join(skipped))
+            break
         print(f"[{i}/{len(selected)}] {case.name} ...", end=" ", flush=True)
         case_rows = runner.run_case(case, cfg, plan)
         rows += case_rows
@@ -106,6 +114,11 @@ def main(argv=None) -> int:
                                else "") for r in ours)
         print(f"{summary}  [{time.perf_counter() - t0:.1f} s]", flush=True)
     meta["wall_s"] = round(time.perf_counter() - started, 1)
+    meta["not_run"] = skipped
+    if skipped:
+        selected = selected[:len(selected) - len(skipped)]
+        notes.append(f"--budget {args.budget:g} s: {len(skipped)} selected cases were not run "
+                     "(listed in results.json, not_run)")
 
     checked = targets.evaluate(rows)
     titles = {c.name: c.title for c in selected}

@@ -60,3 +60,19 @@ def test_bench_tuned_malloc_is_recorded(tmp_path):
     alloc = json.loads((out / "results.json").read_text())["meta"]["allocator"]
     assert alloc["tuned_malloc_flag"] and alloc["mmap_threshold_set"]
     assert alloc["env"]["MALLOC_MMAP_THRESHOLD_"] == "17179869184"
+
+
+def test_bench_budget_stops_starting_cases_and_still_writes_results(tmp_path):
+    """--budget (what ./dev.sh gpu uses to end inside its time limit): no case starts after the
+    budget is spent; the cases run so far are reported and written, the rest listed."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--no-peak", "--no-compile", "--threads", "1",
+           "--filter", "^host/rezero_residual/fwd/", "--budget", "0", "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "budget of 0 s spent: 4 cases not run" in res.stdout, res.stdout
+    data = json.loads((out / "results.json").read_text())
+    assert data["results"] == [] and len(data["meta"]["not_run"]) == 4
+    assert (out / "results.csv").exists()
