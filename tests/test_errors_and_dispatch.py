@@ -129,6 +129,20 @@ def test_torch_func_transforms_name_the_way_out(transform):
 
 
 @pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+def test_forward_mode_ad_names_the_way_out():
+    """Dual tensors (forward-mode AD) cannot go through the fused ops' nodes: a clear error, not a
+    missing tangent; backend='torch' computes it."""
+    import torch.autograd.forward_ad as fwAD
+    x, fx, a = torch.randn(4, 8), torch.randn(4, 8), torch.full((1,), 0.5)
+    with fwAD.dual_level():
+        dual = fwAD.make_dual(fx, torch.ones(4, 8))
+        with pytest.raises(NotImplementedError, match="forward-mode AD.*backend='torch'"):
+            F.rezero_residual(x, dual, a, 0.0)
+        tangent = fwAD.unpack_dual(F.rezero_residual(x, dual, a, 0.0, backend="torch")).tangent
+    torch.testing.assert_close(tangent, torch.full((4, 8), 0.5))
+
+
+@pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
 @pytest.mark.parametrize("activation", ["relu", "gelu"])
 def test_editing_a_kept_tensor_in_place_makes_backward_raise(activation):
     """bias_act_dropout keeps its output (relu) or its input h (other activations) for backward
