@@ -138,7 +138,7 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     sum_dtype = math_dtype(torch.promote_types(grad.dtype, dtype))
     partial = torch.zeros((groups if reduce else 0, C), dtype=sum_dtype, device=grad.device)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
-    if grad.numel() and not skip_launch(grad):
+    if grad.numel() and (store or reduce) and not skip_launch(grad):
         launch(_bias_act_bwd, reduction_grid(groups, C), grad.device,
                grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
                bucket(M), triton.cdiv(M, groups), *dropout_args(p), ACT=act,
