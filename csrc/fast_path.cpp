@@ -38,9 +38,11 @@ double probability(py::handle p, py::handle training) {
 // [key, counter_base] for dropout on `like`'s device: torch.randint(0, 2**62, (2,)) (what the
 // general path, compiled_ops.new_seed, draws), so both paths give one mask for one torch seed.
 // On CPU the same two draws of the default generator are made here, without randint's dispatch
-// (a test checks they match randint's); without dropout an empty tensor (never read).
+// (a test checks they match randint's).  Without dropout no tensor at all: the ops never read
+// the seed when p == 0, so an undefined tensor stands for it (the Python path, which cannot pass
+// one, passes an empty tensor).
 at::Tensor new_seed(double p, const at::Tensor& like) {
-  if (p == 0.0) return no_seed(like);
+  if (p == 0.0) return at::Tensor();
   constexpr int64_t kRange = int64_t{1} << 62;
   if (!like.device().is_cpu()) return at::randint(0, kRange, {2}, like.options().dtype(at::kLong));
   at::Tensor seed = at::empty({2}, like.options().dtype(at::kLong));

@@ -1,11 +1,10 @@
 // What the device-generic C++ (autograd, the eager entry points, the GEMM ops) shares: typed
 // handles of this library's ops, called through the dispatcher so that one source serves every
-// device, the (rows, C) matrix view of a tensor, and the seed argument that stands for "no
-// dropout".
+// device; the (rows, C) matrix view of a tensor, and casts and views that skip the dispatch when
+// they would change nothing.
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-#include <ATen/ops/empty.h>
 #include <c10/util/accumulate.h>
 
 #include <array>
@@ -64,11 +63,6 @@ inline at::Tensor with_sizes(const at::Tensor& t, at::IntArrayRef sizes) {
 // t as `type`: t itself when it has that type already (no dispatch at all).
 inline at::Tensor in_type(const at::Tensor& t, at::ScalarType type) {
   return t.scalar_type() == type ? t : t.to(type);
-}
-
-// The seed argument of an op without dropout: an empty tensor on `like`'s device, never read.
-inline at::Tensor no_seed(const at::Tensor& like) {
-  return at::empty({0}, like.options().dtype(at::kLong));
 }
 
 }  // namespace rezero

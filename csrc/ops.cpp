@@ -12,7 +12,7 @@
 //  * seed is an int64 tensor [key, counter_base] on the data's device: dropout element i is
 //    kept iff Philox4x32-10(key, counter = counter_base * 2^64 + i / 4)[i % 4] < (1-p) * 2^32;
 //  * p in [0, 1); p == 0 takes the no-dropout path and never reads seed (the callers pass an
-//    empty tensor);
+//    empty tensor, or from C++ an undefined one);
 //  * bias may be None: no bias (nothing is allocated for it);
 //  * output_mask says which gradients a backward op returns (the others come back undefined)
 //    and skips the work only they need: a GEMM, or a reduction (grad_alpha, grad_bias).
