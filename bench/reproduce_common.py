@@ -7,6 +7,7 @@ Wikipedia XML excerpt with the gensim wheel.
 """
 from __future__ import annotations
 
+import argparse
 import bz2
 import csv
 import math
@@ -32,6 +33,15 @@ ENWIKI_RESOURCE = "test/test_data/enwiki-latest-pages-articles1.xml-p000000010p0
 
 # ----------------------------------------------------------------------------------------------
 # setup
+
+def arg_parser(doc: str) -> argparse.ArgumentParser:
+    """A reproduction script's command line: described by its docstring's first line, with the
+    options every script has (``--smoke``, ``--out``); the script adds its own."""
+    p = argparse.ArgumentParser(description=doc.split("\n")[0])
+    p.add_argument("--smoke", action="store_true", help="tiny setting that runs in seconds")
+    p.add_argument("--out", default="bench_results", help="output directory")
+    return p
+
 
 
 def setup(threads: int, seed: int = 0) -> None:

@@ -19,7 +19,6 @@ the ungated variants at most ``--baseline-iters`` (they are expected to fail, an
 """
 from __future__ import annotations
 
-import argparse
 import math
 import statistics
 import time
@@ -36,9 +35,7 @@ KINDS = ("rezero", "residual", "plain")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny setting that runs in seconds")
-    p.add_argument("--out", default="bench_results", help="output directory")
+    p = common.arg_parser(__doc__)
     p.add_argument("--depth", type=int, default=10_000)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--lr", type=float, default=0.01)

@@ -12,7 +12,6 @@ paper's Fig. 4: the ReZero stack is exactly isometric, the post-norm stack is no
 """
 from __future__ import annotations
 
-import argparse
 import math
 
 import torch
@@ -27,9 +26,7 @@ VARIANTS = [("Post-Norm", "postnorm"), ("ReZero alpha=0", "rezero")]
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny setting that runs in seconds")
-    p.add_argument("--out", default="bench_results", help="output directory")
+    p = common.arg_parser(__doc__)
     p.add_argument("--layers", type=int, default=64)
     p.add_argument("--d-model", type=int, default=32)
     p.add_argument("--nhead", type=int, default=2)

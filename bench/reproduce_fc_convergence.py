@@ -10,7 +10,6 @@ faster than the other variants.
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -24,9 +23,7 @@ except ImportError:  # python bench/<script>.py
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny setting that runs in seconds")
-    p.add_argument("--out", default="bench_results", help="output directory")
+    p = common.arg_parser(__doc__)
     p.add_argument("--depth", type=int, default=32)
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.01)

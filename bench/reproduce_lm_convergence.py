@@ -32,7 +32,6 @@ are cached under ``--runs-dir`` (one JSON per run), so an interrupted reproducti
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import functools
 import hashlib
@@ -71,9 +70,7 @@ def _ints(text):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--smoke", action="store_true", help="tiny setting that runs in seconds")
-    p.add_argument("--out", default="bench_results", help="output directory")
+    p = common.arg_parser(__doc__)
     p.add_argument("--runs-dir", default=None,
                    help="cache of finished runs (default: OUT/lm_convergence_runs)")
     p.add_argument("--layers", type=int, default=12)
