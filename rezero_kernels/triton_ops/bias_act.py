@@ -21,7 +21,8 @@ from python_ref.activations import TABLE, code
 
 from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
-                     new_seed, reduction_grid, row_groups, skip_launch, to_math)
+                     new_seed, only_wanted, reduction_grid, row_groups, skip_launch,
+                     to_math)
 
 BACKWARD_NEEDS = tuple(a.backward_needs for a in TABLE)  # by activation code
 
@@ -182,12 +183,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     z, bias, seed = ctx.saved_tensors
-    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
-        return None, None, None, None, None
-    grad_h, grad_bias = bias_act_backward(grad, z, bias, ctx.act, ctx.p, seed,
-                                          ctx.needs_input_grad[1])
-    return (grad_h if ctx.needs_input_grad[0] else None,
-            grad_bias.to(ctx.bias_dtype) if ctx.needs_input_grad[1] else None, None, None, None)
+    mask = ctx.needs_input_grad[:2]
+    if not any(mask):
+        return (None,) * 5
+    grad_h, grad_bias = bias_act_backward(grad, z, bias, ctx.act, ctx.p, seed, mask[1])
+    return (*only_wanted((grad_h, grad_bias.to(ctx.bias_dtype)), mask), None, None, None)
 
 
 bias_act.register_autograd(_backward, setup_context=_setup)

@@ -268,6 +268,12 @@ def skip_launch(*tensors) -> bool:
     return interpreting() and any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors)
 
 
+def only_wanted(grads, mask) -> tuple:
+    """An autograd backward's gradients: None where ``mask`` (``ctx.needs_input_grad``) leaves
+    one out (the backward ops return empty tensors there)."""
+    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
+
+
 def define_op(name: str):
     """Register ``fn`` as ``rezero_kernels_triton::<name>``.  On a GPU: a ``triton_op``, whose
     kernels Inductor traces and compiles.  Under the interpreter ``wrap_triton`` cannot trace

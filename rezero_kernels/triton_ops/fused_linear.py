@@ -30,7 +30,8 @@ from python_ref.activations import code
 
 from .bias_act import BACKWARD_NEEDS, activation, bias_act_grad
 from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
-                     gemm_prune, interpreting, launch, math_dtype, new_seed, skip_launch, to_math)
+                     gemm_prune, interpreting, launch, math_dtype, new_seed, only_wanted,
+                     skip_launch, to_math)
 
 
 @triton.autotune(configs=gemm_configs(),
@@ -180,17 +181,12 @@ def _residual_setup(ctx, inputs, output):
     ctx.save_for_backward(inp, weight, bias, alpha, seed)
 
 
-def _wanted(grads, mask):
-    """The gradients of an autograd backward: None where the mask leaves one out."""
-    return tuple(g if wanted else None for g, wanted in zip(grads, mask))
-
-
 def _residual_backward(ctx, grad):
     inp, weight, bias, alpha, seed = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[1:5])
     grads = (linear_residual_backward(grad, inp, weight, bias, alpha, ctx.p, seed, mask)
              if any(mask) else (None,) * 4)
-    return (grad if ctx.needs_input_grad[0] else None, *_wanted(grads, mask), None, None)
+    return (*only_wanted((grad, *grads), ctx.needs_input_grad[:5]), None, None)
 
 
 linear_residual.register_autograd(_residual_backward, setup_context=_residual_setup)
@@ -251,7 +247,7 @@ def _act_backward(ctx, grad, grad_pre):
         return (None,) * 7
     grad_inp, grad_weight, grad_bias = linear_act_backward(grad, inp, weight, z, ctx.act, ctx.p,
                                                            seed, mask)
-    return (*_wanted((grad_inp, grad_weight, grad_bias.to(ctx.bias_dtype)), mask),
+    return (*only_wanted((grad_inp, grad_weight, grad_bias.to(ctx.bias_dtype)), mask),
             None, None, None, None)
 
 

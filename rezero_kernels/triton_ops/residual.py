@@ -20,7 +20,8 @@ import triton.language as tl
 
 from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
-                     new_seed, reduction_grid, row_groups, skip_launch, to_math)
+                     new_seed, only_wanted, reduction_grid, row_groups, skip_launch,
+                     to_math)
 
 
 @triton.jit
@@ -126,11 +127,11 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad):
     fx, alpha, seed = ctx.saved_tensors
-    if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-        return grad, None, None, None, None
-    grad_fx, grad_alpha = residual_backward(grad, fx, alpha, ctx.p, seed, ctx.needs_input_grad[2])
-    return (grad, grad_fx if ctx.needs_input_grad[1] else None,
-            grad_alpha if ctx.needs_input_grad[2] else None, None, None)
+    mask = ctx.needs_input_grad[:3]
+    grads = (grad, None, None)
+    if mask[1] or mask[2]:
+        grads = (grad, *residual_backward(grad, fx, alpha, ctx.p, seed, mask[2]))
+    return (*only_wanted(grads, mask), None, None)
 
 
 residual.register_autograd(_backward, setup_context=_setup)
