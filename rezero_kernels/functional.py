@@ -54,7 +54,7 @@ def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, backend="auto"):
     p = check.dropout_p(dropout_p, training)
     dtype = check.common_dtype(x, fx)
     impl = dispatch.implementation(dispatch.select(backend, device))
-    return impl.rezero_residual(x.to(dtype), fx.to(dtype), alpha, p)
+    return impl.rezero_residual(check.as_dtype(x, dtype), check.as_dtype(fx, dtype), alpha, p)
 
 
 def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, backend="auto"):
@@ -91,9 +91,10 @@ def _gemm_operands(device: torch.device, *tensors: torch.Tensor):
     left alone), then promoted as eager would."""
     if torch.is_autocast_enabled(device.type):
         dtype = torch.get_autocast_dtype(device.type)
-        tensors = tuple(t.to(dtype) if t.dtype != torch.float64 else t for t in tensors)
+        tensors = tuple(t if t.dtype == torch.float64 else check.as_dtype(t, dtype)
+                        for t in tensors)
     dtype = check.common_dtype(*tensors)
-    return tuple(t.to(dtype) for t in tensors)
+    return tuple(check.as_dtype(t, dtype) for t in tensors)
 
 
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, backend="auto"):
@@ -114,7 +115,8 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, bac
     device = check.same_device(x=x, inp=inp, weight=weight, bias=bias, alpha=alpha)
     p = check.dropout_p(dropout_p, training)
     inp, weight, bias = _gemm_operands(device, inp, weight, bias)
-    x = x.to(torch.promote_types(x.dtype, inp.dtype))  # the result's dtype, as eager's x + F
+    # the result's dtype, as eager's x + F
+    x = check.as_dtype(x, torch.promote_types(x.dtype, inp.dtype))
     impl = dispatch.implementation(dispatch.select(backend, device))
     return impl.rezero_linear(x, inp, weight, bias, alpha, p)
 

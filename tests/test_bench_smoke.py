@@ -76,3 +76,19 @@ def test_bench_budget_stops_starting_cases_and_still_writes_results(tmp_path):
     data = json.loads((out / "results.json").read_text())
     assert data["results"] == [] and len(data["meta"]["not_run"]) == 4
     assert (out / "results.csv").exists()
+
+
+def test_triton_host_reports_every_op_and_its_launches():
+    """``python -m bench.triton_host`` (host time of the triton backend without a GPU) times every
+    op forward and fwd+bwd, with and without dropout, and counts the launches each makes: one
+    kernel per forward; the backward one more (rezero_linear: its dy' pass and G = dy'^T inp)."""
+    pytest.importorskip("triton")
+    res = subprocess.run([sys.executable, "-m", "bench.triton_host"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    rows = [line.split() for line in res.stdout.splitlines()[1:]]
+    launches = {(op, mode): int(n) for op, p, mode, us, n in rows}
+    assert len(rows) == 16 and all(float(r[3]) > 0 for r in rows)
+    assert launches == {**{(op, "fwd"): 1 for op, _ in launches},
+                        ("rezero_residual", "fwd+bwd"): 2, ("bias_act_dropout", "fwd+bwd"): 2,
+                        ("rezero_linear", "fwd+bwd"): 3, ("linear_bias_act_dropout", "fwd+bwd"): 2}

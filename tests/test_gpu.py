@@ -65,9 +65,8 @@ def mask_for(shape, p, backend):
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_large_shapes(backend, shape, per_channel):
     """More work than one wave of blocks covers (grid-stride loops; many row blocks per column
-    tile), and a last dimension above CUDA's 65535 limit of grid axes y and z."""
-    """More chunks than one wave of blocks covers: the grid-stride loops and, for per-channel
-    reductions, many row blocks per column tile."""
+    tile, for per-channel reductions), and a last dimension above CUDA's 65535 limit of grid
+    axes y and z."""
     torch.manual_seed(0)
     x, fx, grad = randn(*shape), randn(*shape), randn(*shape)
     alpha = randn(shape[-1] if per_channel else 1)
@@ -398,3 +397,46 @@ def test_tensors_on_another_gpu_run_there(backend):
     with torch.cuda.device(0):
         out = F.rezero_residual(x, fx, alpha, backend=backend)
         torch.testing.assert_close(out, x + 0.5 * fx)
+
+
+needs_triton = pytest.mark.skipif(not rzk.backends()["triton"], reason="triton not available")
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_every_triton_config_computes_what_the_first_does(dtype, monkeypatch):
+    """Every autotune config of every Triton kernel, forward and backward with dropout, gives the
+    results of the first config, which the parity suite checks against python_ref (./dev.sh gpu
+    runs it with REZERO_TRITON_CONFIG=0): the same mask (the mask rule does not depend on the
+    tile) and the same values up to summation order.  Odd sizes leave partial tiles; K = 96 and
+    K = 90 take the GEMM tiles for aligned and for unaligned operands."""
+    from rezero_kernels.triton_ops import bias_act, common, fused_linear, residual
+    kernels = [residual._residual_fwd, residual._residual_bwd, bias_act._bias_act_fwd,
+               bias_act._bias_act_bwd, fused_linear._linear_kernel]
+    tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}[dtype]
+
+    def run():
+        for kernel in kernels:
+            kernel.cache.clear()
+        torch.manual_seed(SEED)
+        x, fx, h = (randn(77, 200, dtype=dtype).requires_grad_() for _ in range(3))
+        inputs = [x, fx, h] + [randn(*s, dtype=dtype).requires_grad_() for s in
+                               [(77, 96), (77, 90), (200, 96), (200, 90), (200,), (200,), (1,)]]
+        _, _, _, inp, inp_odd, w, w_odd, b, a_vec, a = inputs
+        outs = [F.rezero_residual(x, fx, a, 0.1, backend="triton"),
+                F.bias_act_dropout(h, b, "gelu", 0.1, backend="triton"),
+                F.rezero_linear(x, inp, w, b, a_vec, 0.1, backend="triton"),
+                F.rezero_linear(x, inp_odd, w_odd, b, a, 0.1, backend="triton"),
+                F.linear_bias_act_dropout(inp, w, b, "gelu", 0.1, backend="triton"),
+                F.linear_bias_act_dropout(inp_odd, w_odd, b, "relu", 0.1, backend="triton")]
+        torch.manual_seed(SEED + 1)
+        loss = sum((o * torch.randn_like(o)).sum() for o in outs)
+        return outs + list(torch.autograd.grad(loss, inputs))
+
+    monkeypatch.setattr(common, "PINNED_CONFIG", 0)
+    first = run()
+    for i in range(1, max(len(kernel.configs) for kernel in kernels)):
+        monkeypatch.setattr(common, "PINNED_CONFIG", i)
+        for got, want in zip(run(), first):
+            torch.testing.assert_close(got, want, rtol=tol, atol=tol,
+                                       msg=lambda m: f"config {i}: {m}")

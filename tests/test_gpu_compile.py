@@ -95,7 +95,8 @@ def test_every_launch_passes_its_tensors_device():
 
 def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
     """A tensor on cuda:1 while cuda:0 is current: Triton launches on the current device, so
-    launch() must make the tensors' device current around the launch."""
+    launch() must make the tensors' device current around the launch (and only then: the
+    guard costs host time)."""
     entered = []
 
     @contextlib.contextmanager
@@ -109,13 +110,15 @@ def test_launch_runs_under_the_device_of_its_tensors(monkeypatch):
             return lambda *args, **kwargs: entered.append(("launch", grid))
 
     monkeypatch.setattr(torch.cuda, "device", device_guard)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(common, "wrap_triton", lambda kernel: Launcher())
     common.launch(None, (1,), torch.device("cuda", 1))
     assert entered == [("enter", torch.device("cuda", 1)), ("launch", (1,)),
                        ("exit", torch.device("cuda", 1))]
-    entered.clear()
-    common.launch(None, (1,), torch.device("cpu"))
-    assert entered == [("launch", (1,))]
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        entered.clear()
+        common.launch(None, (1,), device)
+        assert entered == [("launch", (1,))]
 
 
 # --- autotuning keys ---------------------------------------------------------------------------
@@ -217,6 +220,27 @@ def test_every_gemm_dtype_keeps_a_config(dtype, arch, aligned):
     configs = common.select_gemm_configs(_gpu_configs(common.gemm_configs), dtype, aligned,
                                          SHARED_LIMIT[arch])
     assert configs, f"no GEMM config for {dtype} (aligned: {aligned}) fits sm_{arch}"
+
+
+def test_a_pinned_config_leaves_one_that_suits_the_launch(monkeypatch):
+    """REZERO_TRITON_CONFIG=i (common.PINNED_CONFIG) leaves the autotuner the i-th of the configs
+    the prune functions keep (the last where fewer suit), so a pinned test run compiles one
+    variant per kernel; unset, every config that suits stays."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(common, "shared_limit", lambda device: SHARED_LIMIT[90])
+    elementwise = _gpu_configs(common.elementwise_configs)
+    gemm = _gpu_configs(common.gemm_configs)
+    a = b = torch.empty(64, 64, dtype=torch.float64)
+    cases = [(common.elementwise_prune, elementwise, {"M_BUCKET": 2**20, "C": 3}),
+             (common.elementwise_prune, elementwise, {"M_BUCKET": 4096, "C": 512}),
+             (common.gemm_prune, gemm, {"a_ptr": a, "b_ptr": b})]
+    for prune, configs, args in cases:
+        monkeypatch.setattr(common, "PINNED_CONFIG", None)
+        suits = prune(configs, args)
+        assert len(suits) > 1
+        for i in range(len(suits) + 2):
+            monkeypatch.setattr(common, "PINNED_CONFIG", i)
+            assert prune(configs, args) == [suits[min(i, len(suits) - 1)]]
 
 
 def test_gemm_prune_is_wired_into_the_autotuner(monkeypatch):

@@ -131,3 +131,103 @@ def test_mask_follows_the_documented_rule():
     words = philox4x32_10(counters, int(seed))[np.arange(rows * cols), (c % 4).astype(np.int64)]
     expected = words < min(2**32 - 1, int((1 - p) * 2**32))
     assert torch.equal(out != 0, torch.from_numpy(expected).reshape(rows, cols))
+
+
+@pytest.fixture
+def registered_calls(monkeypatch):
+    """Names of the registered ops (``torch.library``) called, in order: the route that
+    torch.compile, torch.func and double backward take, and eager calls must not."""
+    from rezero_kernels.triton_ops import bias_act, fused_linear, residual
+    calls = []
+    ops = [residual.residual, residual.residual_backward, bias_act.bias_act,
+           bias_act.bias_act_backward, fused_linear.linear_residual,
+           fused_linear.linear_residual_backward, fused_linear.linear_act,
+           fused_linear.linear_act_backward]
+    for op in ops:
+        def counted(*args, _registered=op.registered, _name=op.fn.__name__):
+            calls.append(_name)
+            return _registered(*args)
+        monkeypatch.setattr(op, "registered", counted)
+    return calls
+
+
+def _every_op(args):
+    x, fx, a, h, b, inp, w, bias = args
+    return (F.rezero_residual(x, fx, a, 0.2, backend=B).sum()
+            + F.bias_act_dropout(h, b, "gelu", 0.2, backend=B).sum()
+            + F.rezero_linear(x, inp, w, bias, a, 0.2, backend=B).sum()
+            + F.linear_bias_act_dropout(inp, w, bias, "gelu_tanh", 0.2, backend=B).sum())
+
+
+def _every_op_args():
+    return [torch.randn(s, device=DEV, requires_grad=True)
+            for s in [(5, 17), (5, 17), (17,), (5, 17), (17,), (5, 33), (17, 33), (17,)]]
+
+
+def test_eager_calls_skip_the_registered_ops(registered_calls, monkeypatch):
+    """Plain tensors in eager mode run the ops' functions directly, forward and backward, with
+    and without grad: the dispatcher and torch.library's Python layers cost ~30 us a call.  Their
+    launches go straight to Triton, as triton_op's eager kernel does (with ``wrap_triton``
+    enabled, an eager launch on a GPU goes through a higher-order op: about 1 ms)."""
+    from torch._library.triton import is_wrap_triton_enabled
+    from rezero_kernels.triton_ops import common
+    wrapping = []
+
+    def recording_wrap_triton(kernel):
+        wrapping.append(is_wrap_triton_enabled())
+        return original(kernel)
+    original = common.wrap_triton
+    monkeypatch.setattr(common, "wrap_triton", recording_wrap_triton)
+    args = _every_op_args()
+    torch.autograd.grad(_every_op(args), args)
+    with torch.no_grad():
+        _every_op(args)
+    assert registered_calls == []
+    assert len(wrapping) >= 12 and not any(wrapping), wrapping
+
+
+def test_compile_and_double_backward_take_the_registered_ops(registered_calls):
+    """torch.compile traces the registered ops (test_compiles_with_fullgraph checks it computes
+    what eager does); create_graph=True gives the backward ops inputs that require grad, and
+    the registered backward op then raises instead of returning a gradient without a graph."""
+    args = _every_op_args()
+    torch.compile(_every_op, fullgraph=True, backend="aot_eager")(args)
+    assert {"residual", "bias_act", "linear_residual", "linear_act"} <= set(registered_calls)
+    registered_calls.clear()
+    x, fx, a = args[:3]
+    (grad_fx,) = torch.autograd.grad(F.rezero_residual(x, fx, a, 0.2, backend=B).sum(), (fx,),
+                                     create_graph=True)
+    assert registered_calls == ["residual_backward"]
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        torch.autograd.grad(grad_fx.sum(), (a,))
+
+
+@pytest.mark.parametrize("rows", [5, 0])
+def test_buffers_left_uninitialised_are_written_whole(rows, monkeypatch):
+    """The ops allocate with torch.empty the outputs, partial sums and gradient products their
+    kernels write in full.  With every such buffer poisoned with NaN, every output and gradient of
+    every op still equals the run with fresh buffers, with rows and without (0 rows: no kernel
+    runs, so the partial sums must be zeros)."""
+    def run():
+        torch.manual_seed(0)
+        args = [torch.randn((rows, *s[1:]) if s[0] == 5 else s, device=DEV, requires_grad=True)
+                for s in [(5, 17), (5, 17), (17,), (5, 17), (17,), (5, 33), (17, 33), (17,)]]
+        x, fx, a, h, b, inp, w, bias = args
+        outs = [F.rezero_residual(x, fx, a, 0.2, backend=B),
+                F.rezero_residual(x, fx, a[:1], 0.0, backend=B),
+                F.bias_act_dropout(h, b, "gelu", 0.2, backend=B),
+                F.rezero_linear(x, inp, w, bias, a[:1], 0.2, backend=B),
+                F.linear_bias_act_dropout(inp, w, bias, "relu", 0.0, backend=B)]
+        loss = sum((o * torch.linspace(-1, 1, o.numel(), device=DEV).view(o.shape)).sum()
+                   for o in outs)
+        return outs + list(torch.autograd.grad(loss, args))
+
+    fresh = run()
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: poison(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: poison(empty_like(*a, **k)))
+    for got, want in zip(run(), fresh):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

@@ -10,7 +10,8 @@
 
 Every op is registered as ``rezero_kernels_triton::<name>`` (a ``torch.library.triton_op`` on
 GPU machines, so ``torch.compile(fullgraph=True)`` traces into the kernels) with its autograd
-formula.  TRITON_INTERPRET must be set before this module is imported.
+formula; eager calls on plain tensors skip the registration's host time (``common.Op``).
+TRITON_INTERPRET must be set before this module is imported.
 """
 try:
     import triton  # noqa: F401

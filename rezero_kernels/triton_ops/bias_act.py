@@ -19,7 +19,7 @@ import triton.language as tl
 
 from python_ref.activations import TABLE, code
 
-from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
+from .common import (as_dtype, bucket, cdiv, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
                      new_seed, only_wanted, reduction_grid, row_groups, skip_launch,
                      to_math)
@@ -137,12 +137,15 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     M = grad.numel() // C if C else 0
     groups = row_groups(M)
     sum_dtype = math_dtype(torch.promote_types(grad.dtype, dtype))
-    partial = torch.zeros((groups if reduce else 0, C), dtype=sum_dtype, device=grad.device)
+    launches = grad.numel() and (store or reduce) and not skip_launch(grad)
+    # the kernel writes every partial; without a launch (no rows) they are zeros
+    partial = (torch.empty if launches else torch.zeros)(
+        (groups if reduce else 0, C), dtype=sum_dtype, device=grad.device)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
-    if grad.numel() and (store or reduce) and not skip_launch(grad):
+    if launches:
         launch(_bias_act_bwd, reduction_grid(groups, C), grad.device,
                grad.contiguous(), z.contiguous() if act else None, bias, seed, dz, partial, M, C,
-               bucket(M), triton.cdiv(M, groups), *dropout_args(p), ACT=act,
+               bucket(M), cdiv(M, groups), *dropout_args(p), ACT=act,
                ADD_BIAS=int(bias is not None), DROPOUT=int(seed is not None),
                STORE_GRAD=int(store), REDUCE=int(reduce), FP64=int(sum_dtype == torch.float64))
     return dz, partial.sum(0) if reduce else None
@@ -187,7 +190,7 @@ def _backward(ctx, grad):
     if not any(mask):
         return (None,) * 5
     grad_h, grad_bias = bias_act_backward(grad, z, bias, ctx.act, ctx.p, seed, mask[1])
-    return (*only_wanted((grad_h, grad_bias.to(ctx.bias_dtype)), mask), None, None, None)
+    return (*only_wanted((grad_h, as_dtype(grad_bias, ctx.bias_dtype)), mask), None, None, None)
 
 
 bias_act.register_autograd(_backward, setup_context=_setup)

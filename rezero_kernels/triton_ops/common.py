@@ -1,5 +1,5 @@
 """Pieces every Triton kernel family shares: the dropout rule, math dtypes, block configs and
-their pruning, autotuning keys, the launch (device guard), op registration.
+their pruning, autotuning keys, the launch (device guard), op registration and its eager route.
 
 Dropout.  An op with ``p > 0`` draws one int64 seed with ``torch.randint`` on the data's device
 (so ``torch.manual_seed`` reproduces a run and CUDA graphs replay a fresh draw) and passes the
@@ -25,16 +25,18 @@ changes from call to call; re-tuning costs ~0.1 s per config and cannot run duri
 capture): the channel count (elementwise) or N (GEMM), the row count rounded up to a power of
 two (``bucket``), and the kernel's constexpr flags.  ``tuning.warmup`` tunes ahead of capture.
 """
-import contextlib
+import functools
+import os
 
 import numpy as np
 import torch
 import triton
 import triton.language as tl
+from torch._library.triton import set_wrap_triton_enabled
 from torch.library import wrap_triton
 
 from ..dispatch import triton_interpreting as interpreting
-from ..validation import math_dtype  # noqa: F401  (the kernels' math dtype, for the op files)
+from ..validation import as_dtype, math_dtype  # noqa: F401  (for the op files)
 
 
 # --- block configs -------------------------------------------------------------------------
@@ -157,8 +159,23 @@ def gemm_prune(configs, named_args, **kwargs):
     if interpreting():
         return configs
     a, b = named_args["a_ptr"], named_args["b_ptr"]
-    return select_gemm_configs(configs, a.dtype, gemm_operands_aligned(a, b),
-                               shared_limit(a.device))
+    return pinned(select_gemm_configs(configs, a.dtype, gemm_operands_aligned(a, b),
+                                      shared_limit(a.device)))
+
+
+# Which of the configs that suit a launch the autotuner may choose from: all of them (None), or
+# only the i-th (the last where fewer suit).  REZERO_TRITON_CONFIG=0 pins the first: a test run
+# then compiles one variant of each kernel instead of up to seven, and benchmarks none
+# (./dev.sh gpu); tests/test_gpu.py checks every config against the first.  Read when a launch
+# of a new shape class is tuned; a change applies to the classes tuned after it.
+PINNED_CONFIG = int(os.environ["REZERO_TRITON_CONFIG"]) if os.environ.get(
+    "REZERO_TRITON_CONFIG") else None
+
+
+def pinned(configs):
+    if PINNED_CONFIG is None or not configs:
+        return configs
+    return [configs[min(PINNED_CONFIG, len(configs) - 1)]]
 
 
 def bucket(n: int) -> int:
@@ -167,7 +184,13 @@ def bucket(n: int) -> int:
     graph on it, and Inductor tunes the kernels it compiles itself."""
     if not isinstance(n, int):
         return n
-    return triton.next_power_of_2(max(n, 1))
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
+def cdiv(a, b):
+    """``ceil(a / b)`` for sizes, as ``triton.cdiv`` (a plain function: ``triton.cdiv`` is a
+    constexpr function whose call costs microseconds of host time)."""
+    return (a + b - 1) // b
 
 
 # --- grids ---------------------------------------------------------------------------------
@@ -181,7 +204,7 @@ MAX_PROGRAMS = 2**31 - 1
 
 def elementwise_grid(M: int, C: int):
     """One program per (BLOCK_M x BLOCK_C) tile."""
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(C, meta["BLOCK_C"]),)
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(C, meta["BLOCK_C"]),)
 
 
 def elementwise_prune(configs, named_args, **kwargs):
@@ -194,10 +217,10 @@ def elementwise_prune(configs, named_args, **kwargs):
 
     def programs(config):
         kw = config.kwargs
-        row_blocks = row_groups(rows) if reduction else triton.cdiv(rows, kw["BLOCK_M"])
-        return row_blocks * triton.cdiv(C, kw["BLOCK_C"])
+        row_blocks = row_groups(rows) if reduction else cdiv(rows, kw["BLOCK_M"])
+        return row_blocks * cdiv(C, kw["BLOCK_C"])
 
-    return [c for c in configs if programs(c) <= MAX_PROGRAMS]
+    return pinned([c for c in configs if programs(c) <= MAX_PROGRAMS])
 
 
 # Column reductions (grad of alpha / bias) split the rows into groups: a program walks its
@@ -213,17 +236,17 @@ def row_groups(rows: int) -> int:
     """How many groups split the rows of a column reduction (independent of the tile config, so
     that the partial buffer can be allocated before the autotuner picks one)."""
     if interpreting():
-        return max(1, min(triton.cdiv(rows, 16), 2))
-    return max(1, min(triton.cdiv(rows, ROWS_PER_GROUP), MAX_GROUPS))
+        return max(1, min(cdiv(rows, 16), 2))
+    return max(1, min(cdiv(rows, ROWS_PER_GROUP), MAX_GROUPS))
 
 
 def reduction_grid(groups: int, C: int):
     """One program per (row group, BLOCK_C columns)."""
-    return lambda meta: (groups * triton.cdiv(C, meta["BLOCK_C"]),)
+    return lambda meta: (groups * cdiv(C, meta["BLOCK_C"]),)
 
 
 def gemm_grid(M: int, N: int):
-    return lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)
+    return lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)
 
 
 # --- dropout arguments -----------------------------------------------------------------------
@@ -235,6 +258,7 @@ def new_seed(p: float, device: torch.device):
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
+@functools.lru_cache(maxsize=64)
 def dropout_args(p: float):
     """(threshold as the int32 with its bits, 1/(1-p) as float32 part, remainder)."""
     threshold = min(2**32 - 1, int((1.0 - p) * 2**32))
@@ -257,15 +281,22 @@ def launch(kernel, grid, device: torch.device, *args, **kwargs):
     if launch_observer is not None:
         launch_observer(kernel, grid, device, args, kwargs)
         return
-    guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with guard:
+    if device.type == "cuda" and device.index != torch.cuda.current_device():
+        with torch.cuda.device(device):
+            wrap_triton(kernel)[grid](*args, **kwargs)
+    else:  # the common case, without the guard's host time
         wrap_triton(kernel)[grid](*args, **kwargs)
+
+
+# the tensor types an eager call takes as they are (no subclass: fake, functional, DTensor, ...)
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
 def skip_launch(*tensors) -> bool:
     """True while an op is traced with fake tensors under the interpreter (the interpreter
     cannot run a kernel on them; on a GPU ``wrap_triton`` handles fake tensors itself)."""
-    return interpreting() and any(torch._subclasses.fake_tensor.is_fake(t) for t in tensors)
+    return any(type(t) not in _PLAIN and torch._subclasses.fake_tensor.is_fake(t)
+               for t in tensors) and interpreting()
 
 
 def only_wanted(grads, mask) -> tuple:
@@ -274,21 +305,72 @@ def only_wanted(grads, mask) -> tuple:
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
+# Eager calls skip torch.library.  A registered op's eager call goes through the dispatcher
+# and torch.library's Python layers (argument normalisation, its autograd.Function, the
+# redispatch), about 30 us of host time per call before the kernel launches, more than a small
+# kernel takes on a GPU.  So an op called on plain tensors outside any tracing or transform runs
+# its function directly, under an autograd.Function built from the same setup and backward; the
+# registered op serves torch.compile, torch.func, tensor subclasses and double backward.
+def _plain_eager(args) -> bool:
+    return (not torch.compiler.is_compiling()
+            and not torch._C._are_functorch_transforms_active()
+            and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
+
+
+class Op:
+    """``rezero_kernels_triton::<name>``, registered from ``fn``, and callable like it.
+
+    Registered: on a GPU a ``triton_op``, whose kernels Inductor traces and compiles.  Under the
+    interpreter ``wrap_triton`` cannot trace kernels, so the same function becomes an opaque
+    ``custom_op`` with itself (launches skipped on fake tensors) as the fake kernel.
+
+    Called: plain eager tensors run ``fn`` itself, under ``function`` (an autograd.Function
+    from the op's setup and backward) when a gradient is wanted; anything else runs the
+    registered op.  A backward op has no autograd: it runs ``fn`` unless its inputs require
+    grad (``create_graph=True``), where the registered op raises that double backward is not
+    supported."""
+
+    def __init__(self, name: str, fn):
+        qualname = f"rezero_kernels_triton::{name}"
+        self.fn = fn
+        self.function = None
+        if interpreting():
+            self.registered = torch.library.custom_op(qualname, fn, mutates_args=())
+            self.registered.register_fake(fn)
+        else:
+            self.registered = torch.library.triton_op(qualname, fn, mutates_args=())
+
+    def register_autograd(self, backward, setup_context):
+        self.registered.register_autograd(backward, setup_context=setup_context)
+        run = self._run
+
+        def forward(ctx, *args):
+            out = run(*args)
+            setup_context(ctx, args, out)
+            return out
+
+        self.function = type(f"{self.fn.__name__}_function", (torch.autograd.Function,),
+                             {"forward": staticmethod(forward),
+                              "backward": staticmethod(backward)})
+
+    def _run(self, *args):
+        # launches straight to Triton, as triton_op's own eager kernel does: with wrap_triton
+        # enabled an eager launch goes through a higher-order op, which costs about 1 ms
+        with set_wrap_triton_enabled(False):
+            return self.fn(*args)
+
+    def __call__(self, *args):
+        if not _plain_eager(args):
+            return self.registered(*args)
+        if torch.is_grad_enabled() and any(
+                a.requires_grad for a in args if isinstance(a, torch.Tensor)):
+            return self.registered(*args) if self.function is None else self.function.apply(*args)
+        return self._run(*args)
+
+
 def define_op(name: str):
-    """Register ``fn`` as ``rezero_kernels_triton::<name>``.  On a GPU: a ``triton_op``, whose
-    kernels Inductor traces and compiles.  Under the interpreter ``wrap_triton`` cannot trace
-    kernels, so the same function becomes an opaque ``custom_op`` with itself (launches skipped
-    on fake tensors) as the fake kernel."""
-    qualname = f"rezero_kernels_triton::{name}"
-
-    def register(fn):
-        if not interpreting():
-            return torch.library.triton_op(qualname, fn, mutates_args=())
-        op = torch.library.custom_op(qualname, fn, mutates_args=())
-        op.register_fake(fn)
-        return op
-
-    return register
+    """Decorator: ``fn`` as the op ``rezero_kernels_triton::<name>`` (see ``Op``)."""
+    return lambda fn: Op(name, fn)
 
 
 # --- in-kernel helpers -------------------------------------------------------------------

@@ -29,7 +29,7 @@ import triton.language as tl
 from python_ref.activations import code
 
 from .bias_act import BACKWARD_NEEDS, activation, bias_act_grad
-from .common import (bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
+from .common import (as_dtype, bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
                      gemm_prune, interpreting, launch, math_dtype, new_seed, only_wanted,
                      skip_launch, to_math)
 
@@ -155,24 +155,29 @@ def linear_residual_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torc
     dyp, colsum = bias_act_grad(grad2, None, None, 0, p, seed, inp.dtype, cast, sums)
     dyp = dyp if cast else grad2
     acc_dtype = math_dtype(inp.dtype)
-    a = alpha.to(acc_dtype)
-    grad_inp, grad_weight, grad_bias, grad_alpha = (grad.new_empty(0) for _ in range(4))
+    a = as_dtype(alpha, acc_dtype).view(-1, 1)
+    w = as_dtype(weight, acc_dtype)
+    grad_inp = grad_weight = grad_bias = grad_alpha = None
     if want_weight or want_alpha:
-        g = torch.zeros((N, K), dtype=acc_dtype, device=grad.device)
-        _gemm(dyp.t(), inp.reshape(M, K).t(), g)  # G = dy'^T inp, fp32
+        g = torch.empty((N, K), dtype=acc_dtype, device=grad.device)
+        _gemm(dyp.t(), inp.reshape(M, K).t(), g)  # G = dy'^T inp, fp32 (every element written)
     if sums:
-        colsum = colsum.to(acc_dtype)
-    if want_weight:
-        grad_weight = (a.view(-1, 1) * g).to(weight.dtype)
+        colsum = as_dtype(colsum, acc_dtype)
+        b = as_dtype(bias, acc_dtype)
+    if want_alpha:  # sum_k W G + b colsum, per channel or in all
+        if alpha.numel() == 1:
+            grad_alpha = torch.dot(w.reshape(-1), g.reshape(-1)) + torch.dot(b, colsum)
+        else:
+            grad_alpha = (w * g).sum(1) + b * colsum
+        grad_alpha = as_dtype(grad_alpha.reshape(alpha.shape), alpha.dtype)
+    if want_weight:  # alpha G, scaling G in place when it has the weight's dtype
+        grad_weight = g.mul_(a) if weight.dtype == acc_dtype else (g * a).to(weight.dtype)
     if want_bias:
-        grad_bias = (a * colsum).to(bias.dtype)
-    if want_alpha:
-        per_row = (weight.to(acc_dtype) * g).sum(1) + bias.to(acc_dtype) * colsum
-        grad_alpha = (per_row if alpha.numel() > 1 else per_row.sum().reshape(1)).to(alpha.dtype)
+        grad_bias = as_dtype(a.view(-1) * colsum, bias.dtype)
     if want_inp:
-        w = (a.view(-1, 1) * weight.to(acc_dtype)).to(inp.dtype)
-        grad_inp = torch.matmul(dyp, w).reshape(inp.shape)
-    return grad_inp, grad_weight, grad_bias, grad_alpha
+        grad_inp = torch.matmul(dyp, as_dtype(a * w, inp.dtype)).reshape(inp.shape)
+    return tuple(t if wanted else grad.new_empty(0) for t, wanted in zip(
+        (grad_inp, grad_weight, grad_bias, grad_alpha), output_mask))
 
 
 def _residual_setup(ctx, inputs, output):
@@ -247,7 +252,7 @@ def _act_backward(ctx, grad, grad_pre):
         return (None,) * 7
     grad_inp, grad_weight, grad_bias = linear_act_backward(grad, inp, weight, z, ctx.act, ctx.p,
                                                            seed, mask)
-    return (*only_wanted((grad_inp, grad_weight, grad_bias.to(ctx.bias_dtype)), mask),
+    return (*only_wanted((grad_inp, grad_weight, as_dtype(grad_bias, ctx.bias_dtype)), mask),
             None, None, None, None)
 
 

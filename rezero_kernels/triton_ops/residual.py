@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import (bucket, define_op, dropout, dropout_args, elementwise_configs,
+from .common import (as_dtype, bucket, cdiv, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
                      new_seed, only_wanted, reduction_grid, row_groups, skip_launch,
                      to_math)
@@ -105,18 +105,20 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
     M = fx.numel() // C if C else 0
     groups = row_groups(M)
     grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
-    partial = torch.zeros((groups if reduce else 0, C), dtype=math_dtype(fx.dtype),
-                          device=fx.device)
-    if fx.numel() and not skip_launch(fx):
+    launches = fx.numel() and not skip_launch(fx)
+    # the kernel writes every partial; without a launch (no rows) they are zeros
+    partial = (torch.empty if launches else torch.zeros)(
+        (groups if reduce else 0, C), dtype=math_dtype(fx.dtype), device=fx.device)
+    if launches:
         launch(_residual_bwd, reduction_grid(groups, C), fx.device,
                grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, bucket(M),
-               triton.cdiv(M, groups), *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
+               cdiv(M, groups), *dropout_args(p), PER_CHANNEL=int(alpha.numel() > 1),
                DROPOUT=int(seed is not None), REDUCE=int(reduce),
                FP64=int(fx.dtype == torch.float64))
     if not reduce:
         return grad_fx, alpha.new_empty(0)
     grad_alpha = partial.sum(0) if alpha.numel() > 1 else partial.sum().reshape(1)
-    return grad_fx, grad_alpha.to(alpha.dtype)
+    return grad_fx, as_dtype(grad_alpha, alpha.dtype)
 
 
 def _setup(ctx, inputs, output):
