@@ -243,6 +243,13 @@ def test_a_pinned_config_leaves_one_that_suits_the_launch(monkeypatch):
             assert prune(configs, args) == [suits[min(i, len(suits) - 1)]]
 
 
+def test_a_pinned_config_must_be_an_index():
+    env = {**os.environ, "REZERO_TRITON_CONFIG": "first", "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, "-c", "import rezero_kernels.triton_ops"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode != 0 and "REZERO_TRITON_CONFIG must be a config index" in res.stderr
+
+
 def test_gemm_prune_is_wired_into_the_autotuner(monkeypatch):
     """The GEMM's autotuner prunes with gemm_prune, which keeps the tiles of a launch's dtype
     and operand alignment that fit its device (the device's limit is patched)."""

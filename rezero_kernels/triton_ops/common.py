@@ -168,8 +168,14 @@ def gemm_prune(configs, named_args, **kwargs):
 # then compiles one variant of each kernel instead of up to seven, and benchmarks none
 # (./dev.sh gpu); tests/test_gpu.py checks every config against the first.  Read when a launch
 # of a new shape class is tuned; a change applies to the classes tuned after it.
-PINNED_CONFIG = int(os.environ["REZERO_TRITON_CONFIG"]) if os.environ.get(
-    "REZERO_TRITON_CONFIG") else None
+def _pinned_config():
+    value = os.environ.get("REZERO_TRITON_CONFIG", "")
+    if value and not value.isdigit():
+        raise ValueError(f"REZERO_TRITON_CONFIG must be a config index (0, 1, ...), got {value!r}")
+    return int(value) if value else None
+
+
+PINNED_CONFIG = _pinned_config()
 
 
 def pinned(configs):
