@@ -112,32 +112,41 @@ print("ok")
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
-@pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
-@pytest.mark.parametrize("transform", ["grad", "vjp"])
-def test_torch_func_transforms_name_the_way_out(transform):
-    """torch.func cannot differentiate through the compiled ops' C++ autograd: a clear error
-    that names rezero_kernels and backend='torch', which works there."""
+FUSED_ON_CPU = [pytest.param(b, marks=pytest.mark.skipif(not rzk.backends()[b],
+                                                         reason=f"backend {b!r} not available"))
+                for b in ("cpu", "triton")]  # triton: the interpreter (tests/conftest.py)
+
+
+@pytest.mark.parametrize("backend", FUSED_ON_CPU)
+@pytest.mark.parametrize("transform", ["grad", "vjp", "jvp"])
+def test_torch_func_transforms_name_the_way_out(transform, backend):
+    """torch.func cannot differentiate through the fused ops' autograd (the compiled ops' C++
+    nodes, the Triton ops' autograd.Function): a clear error that names rezero_kernels and
+    backend='torch', which works there.  vmap alone works."""
     x, fx, a = torch.randn(4, 8), torch.randn(4, 8), torch.ones(1)
 
-    def f(fx, backend="auto"):
+    def f(fx, backend=backend):
         return F.rezero_residual(x, fx, a, 0.0, backend=backend).sum()
     run = {"grad": lambda fn: torch.func.grad(fn)(fx),
-           "vjp": lambda fn: torch.func.vjp(fn, fx)[1](torch.tensor(1.0))[0]}[transform]
+           "vjp": lambda fn: torch.func.vjp(fn, fx)[1](torch.tensor(1.0))[0],
+           "jvp": lambda fn: torch.func.jvp(fn, (fx,), (torch.ones(4, 8),))[1]}[transform]
     with pytest.raises(NotImplementedError, match="rezero_kernels.*backend='torch'"):
         run(f)
-    torch.testing.assert_close(run(lambda fx: f(fx, "torch")), torch.ones(4, 8))
+    want = torch.tensor(32.0) if transform == "jvp" else torch.ones(4, 8)
+    torch.testing.assert_close(run(lambda fx: f(fx, "torch")), want)
+    torch.testing.assert_close(torch.func.vmap(f)(fx.expand(3, 4, 8)), (x + fx).sum().expand(3))
 
 
-@pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
-def test_forward_mode_ad_names_the_way_out():
-    """Dual tensors (forward-mode AD) cannot go through the fused ops' nodes: a clear error, not a
+@pytest.mark.parametrize("backend", FUSED_ON_CPU)
+def test_forward_mode_ad_names_the_way_out(backend):
+    """Dual tensors (forward-mode AD) cannot go through the fused ops: a clear error, not a
     missing tangent; backend='torch' computes it."""
     import torch.autograd.forward_ad as fwAD
     x, fx, a = torch.randn(4, 8), torch.randn(4, 8), torch.full((1,), 0.5)
     with fwAD.dual_level():
         dual = fwAD.make_dual(fx, torch.ones(4, 8))
         with pytest.raises(NotImplementedError, match="forward-mode AD.*backend='torch'"):
-            F.rezero_residual(x, dual, a, 0.0)
+            F.rezero_residual(x, dual, a, 0.0, backend=backend)
         tangent = fwAD.unpack_dual(F.rezero_residual(x, dual, a, 0.0, backend="torch")).tangent
     torch.testing.assert_close(tangent, torch.full((4, 8), 0.5))
 

@@ -30,6 +30,7 @@ import os
 
 import numpy as np
 import torch
+import torch.autograd.forward_ad as forward_ad
 import triton
 import triton.language as tl
 from torch._library.triton import set_wrap_triton_enabled
@@ -316,11 +317,28 @@ def only_wanted(grads, mask) -> tuple:
 # redispatch), about 30 us of host time per call before the kernel launches, more than a small
 # kernel takes on a GPU.  So an op called on plain tensors outside any tracing or transform runs
 # its function directly, under an autograd.Function built from the same setup and backward; the
-# registered op serves torch.compile, torch.func, tensor subclasses and double backward.
+# registered op serves torch.compile, vmap, tensor subclasses and double backward.
 def _plain_eager(args) -> bool:
     return (not torch.compiler.is_compiling()
             and not torch._C._are_functorch_transforms_active()
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
+
+
+def _check_differentiable_here(args) -> None:
+    """torch.func's grad/vjp/jvp and forward-mode AD cannot differentiate through the ops (the
+    registered op's error names neither the op nor a way out; dual tensors would lose their
+    tangent silently): say so, as the compiled backends do.  vmap alone is fine."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    if any(i.key() in (TransformType.Grad, TransformType.Jvp)
+           for i in retrieve_all_functorch_interpreters()):
+        raise NotImplementedError("rezero_kernels: torch.func transforms that differentiate "
+                                  "(grad, vjp, jvp, jacrev, ...) cannot run through the fused "
+                                  "ops; use backend='torch' inside them")
+    if any(isinstance(a, torch.Tensor) and forward_ad.unpack_dual(a).tangent is not None
+           for a in args):
+        raise NotImplementedError("rezero_kernels: forward-mode AD (dual tensors) is not "
+                                  "implemented for the fused ops; use backend='torch' for it")
 
 
 class Op:
@@ -334,7 +352,7 @@ class Op:
     from the op's setup and backward) when a gradient is wanted; anything else runs the
     registered op.  A backward op has no autograd: it runs ``fn`` unless its inputs require
     grad (``create_graph=True``), where the registered op raises that double backward is not
-    supported."""
+    supported.  A forward op under torch.func's grad/jvp or with dual tensors raises."""
 
     def __init__(self, name: str, fn):
         qualname = f"rezero_kernels_triton::{name}"
@@ -366,6 +384,9 @@ class Op:
             return self.fn(*args)
 
     def __call__(self, *args):
+        if self.function is not None and (forward_ad._current_level >= 0
+                                          or torch._C._are_functorch_transforms_active()):
+            _check_differentiable_here(args)
         if not _plain_eager(args):
             return self.registered(*args)
         if torch.is_grad_enabled() and any(
