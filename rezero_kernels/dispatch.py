@@ -13,7 +13,7 @@ training, alpha a 1-element or last-dim-sized tensor, bias a tensor):
 The backends are the rows of ``REGISTRY`` below: its name, module, the device types it serves,
 its place in ``auto``'s order per device type, and how to get it.  ``backends()``, ``select``,
 its error messages and the README's backend table all come from it.  A fallback of ``auto`` to
-"torch" warns once, saying what to install or build.
+"torch", or past a backend it prefers, warns once, saying what to install or build.
 """
 from __future__ import annotations
 
@@ -94,6 +94,7 @@ _BY_NAME = {b.name: b for b in REGISTRY}
 BACKENDS = tuple(_BY_NAME)
 
 
+@functools.lru_cache(maxsize=None)
 def _auto_order(device_type: str) -> tuple:
     ranked = [b for b in REGISTRY if device_type in b.auto]
     return tuple(b.name for b in sorted(ranked, key=lambda b: b.auto[device_type]))
@@ -148,11 +149,27 @@ def _warn_fallback(device_type: str) -> None:
                   f"{hints or 'no fused backend exists for it'}.", RuntimeWarning, stacklevel=4)
 
 
+@functools.lru_cache(maxsize=None)
+def _warn_passed_over(device_type: str, chosen: str) -> None:
+    order = _auto_order(device_type)
+    missing = order[:order.index(chosen)]
+    reasons = "; ".join(f"{m!r}: {_UNAVAILABLE[m]}" for m in missing)
+    hints = "; or ".join(_BY_NAME[m].how_to_get for m in missing)
+    warnings.warn(f"rezero_kernels: backend 'auto' runs {device_type} tensors on {chosen!r}, "
+                  f"because the backend it prefers is not available ({reasons}). To get it, "
+                  f"{hints}.", RuntimeWarning, stacklevel=4)
+
+
 def select(requested: str, device: torch.device) -> str:
-    """Resolve ``backend=`` for tensors on ``device`` to a concrete backend name."""
+    """Resolve ``backend=`` for tensors on ``device`` to a concrete backend name.  ``auto``
+    takes the first available backend of its order, warning once when it passes one over (the
+    order is by measured speed) or has to use the reference."""
     if requested == "auto":
-        for name in _auto_order(device.type):
+        order = _auto_order(device.type)
+        for name in order:
             if _probe(name):
+                if name != order[0]:
+                    _warn_passed_over(device.type, name)
                 return name
         _warn_fallback(device.type)
         return "torch"
@@ -205,6 +222,7 @@ def _fast_paths() -> dict:
             if name in compiled:
                 table[requested, is_cuda] = _C
     _warn_fallback.cache_clear()
+    _warn_passed_over.cache_clear()
     return table
 
 

@@ -87,6 +87,21 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     dispatch._warn_fallback.cache_clear()
 
 
+@pytest.mark.skipif(rzk.backends()["cuda"] or not rzk.backends()["triton"],
+                    reason="needs the triton backend without the CUDA kernels")
+def test_auto_passing_over_the_cuda_backend_warns_once():
+    """CUDA tensors without the CUDA kernels run on triton, which measured slower on an H100: one
+    warning that says why and how to build them, not a silent choice (on a CPU machine the
+    interpreter stands in for the GPU's triton)."""
+    dispatch._warn_passed_over.cache_clear()
+    with pytest.warns(RuntimeWarning, match="runs cuda tensors on 'triton'.*'cuda': .*nvcc"):
+        assert dispatch.select("auto", torch.device("cuda")) == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert dispatch.select("auto", torch.device("cuda")) == "triton"  # warned once only
+    dispatch._warn_passed_over.cache_clear()
+
+
 def test_unbuilt_checkout_imports_and_falls_back(tmp_path):
     """A source checkout that was never built imports, reports cpu=False, warns once on "auto"
     saying how to build, and refuses an explicit backend="cpu"."""
