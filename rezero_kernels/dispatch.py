@@ -141,9 +141,13 @@ def check_name(requested: str) -> str:
     return requested
 
 
+def _how_to_get(names) -> str:
+    return "; or ".join(_BY_NAME[n].how_to_get for n in names)
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_fallback(device_type: str) -> None:
-    hints = "; or ".join(_BY_NAME[w].how_to_get for w in _auto_order(device_type))
+    hints = _how_to_get(_auto_order(device_type))
     warnings.warn(f"rezero_kernels: no fused backend is available for {device_type} tensors, "
                   f"using the slow pure-PyTorch reference. To get the fused kernels, "
                   f"{hints or 'no fused backend exists for it'}.", RuntimeWarning, stacklevel=4)
@@ -154,10 +158,9 @@ def _warn_passed_over(device_type: str, chosen: str) -> None:
     order = _auto_order(device_type)
     missing = order[:order.index(chosen)]
     reasons = "; ".join(f"{m!r}: {_UNAVAILABLE[m]}" for m in missing)
-    hints = "; or ".join(_BY_NAME[m].how_to_get for m in missing)
     warnings.warn(f"rezero_kernels: backend 'auto' runs {device_type} tensors on {chosen!r}, "
                   f"because the backend it prefers is not available ({reasons}). To get it, "
-                  f"{hints}.", RuntimeWarning, stacklevel=4)
+                  f"{_how_to_get(missing)}.", RuntimeWarning, stacklevel=4)
 
 
 def select(requested: str, device: torch.device) -> str:

@@ -99,8 +99,7 @@ def test_compiles_with_fullgraph():
         return u.sum() + z.sum() + v.sum()
 
     torch.manual_seed(0)
-    args = [torch.randn(s, device=DEV, requires_grad=True)
-            for s in [(5, 17), (5, 17), (17,), (5, 17), (17,), (5, 33), (17, 33), (17,)]]
+    args = _every_op_args()
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     results = []
     for fn in (compiled, f):
@@ -159,9 +158,11 @@ def _every_op(args):
             + F.linear_bias_act_dropout(inp, w, bias, "gelu_tanh", 0.2, backend=B).sum())
 
 
-def _every_op_args():
+def _every_op_args(rows=5):
+    """x, fx, alpha (per channel), h, bias, inp, weight, bias of the linear ops."""
     return [torch.randn(s, device=DEV, requires_grad=True)
-            for s in [(5, 17), (5, 17), (17,), (5, 17), (17,), (5, 33), (17, 33), (17,)]]
+            for s in [(rows, 17), (rows, 17), (17,), (rows, 17), (17,), (rows, 33), (17, 33),
+                      (17,)]]
 
 
 def test_eager_calls_skip_the_registered_ops(registered_calls, monkeypatch):
@@ -210,8 +211,7 @@ def test_buffers_left_uninitialised_are_written_whole(rows, monkeypatch):
     runs, so the partial sums must be zeros)."""
     def run():
         torch.manual_seed(0)
-        args = [torch.randn((rows, *s[1:]) if s[0] == 5 else s, device=DEV, requires_grad=True)
-                for s in [(5, 17), (5, 17), (17,), (5, 17), (17,), (5, 33), (17, 33), (17,)]]
+        args = _every_op_args(rows)
         x, fx, a, h, b, inp, w, bias = args
         outs = [F.rezero_residual(x, fx, a, 0.2, backend=B),
                 F.rezero_residual(x, fx, a[:1], 0.0, backend=B),

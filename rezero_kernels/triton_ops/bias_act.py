@@ -21,8 +21,8 @@ from python_ref.activations import TABLE, code
 
 from .common import (as_dtype, bucket, cdiv, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
-                     new_seed, only_wanted, reduction_grid, row_groups, skip_launch,
-                     to_math)
+                     new_seed, only_wanted, partial_sums, reduction_grid, row_groups,
+                     skip_launch, to_math)
 
 BACKWARD_NEEDS = tuple(a.backward_needs for a in TABLE)  # by activation code
 
@@ -138,9 +138,7 @@ def bias_act_grad(grad: torch.Tensor, z: Optional[torch.Tensor], bias: Optional[
     groups = row_groups(M)
     sum_dtype = math_dtype(torch.promote_types(grad.dtype, dtype))
     launches = grad.numel() and (store or reduce) and not skip_launch(grad)
-    # the kernel writes every partial; without a launch (no rows) they are zeros
-    partial = (torch.empty if launches else torch.zeros)(
-        (groups if reduce else 0, C), dtype=sum_dtype, device=grad.device)
+    partial = partial_sums(groups if reduce else 0, C, sum_dtype, grad.device, launches)
     dz = torch.empty(grad.shape, dtype=dtype, device=grad.device) if store else None
     if launches:
         launch(_bias_act_bwd, reduction_grid(groups, C), grad.device,

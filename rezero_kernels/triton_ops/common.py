@@ -247,6 +247,13 @@ def row_groups(rows: int) -> int:
     return max(1, min(cdiv(rows, ROWS_PER_GROUP), MAX_GROUPS))
 
 
+def partial_sums(groups: int, C: int, dtype: torch.dtype, device: torch.device,
+                 launched: bool) -> torch.Tensor:
+    """The (groups, C) partial sums of a column reduction: left for the kernel, which writes
+    every one, or zeros where no kernel runs (no rows)."""
+    return (torch.empty if launched else torch.zeros)((groups, C), dtype=dtype, device=device)
+
+
 def reduction_grid(groups: int, C: int):
     """One program per (row group, BLOCK_C columns)."""
     return lambda meta: (groups * cdiv(C, meta["BLOCK_C"]),)
@@ -312,6 +319,12 @@ def only_wanted(grads, mask) -> tuple:
     return tuple(g if wanted else None for g, wanted in zip(grads, mask))
 
 
+def empty_where_unwanted(grads, mask, like: torch.Tensor) -> tuple:
+    """A backward op's outputs: an empty tensor (like ``like``) where its ``output_mask`` leaves
+    one out (its schema returns tensors, never None)."""
+    return tuple(g if wanted else like.new_empty(0) for g, wanted in zip(grads, mask))
+
+
 # Eager calls skip torch.library.  A registered op's eager call goes through the dispatcher
 # and torch.library's Python layers (argument normalisation, its autograd.Function, the
 # redispatch), about 30 us of host time per call before the kernel launches, more than a small
@@ -319,8 +332,9 @@ def only_wanted(grads, mask) -> tuple:
 # its function directly, under an autograd.Function built from the same setup and backward; the
 # registered op serves torch.compile, vmap, tensor subclasses and double backward.
 def _plain_eager(args) -> bool:
+    """No compile trace, and no tensor subclass (the caller has checked torch.func's
+    transforms)."""
     return (not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
             and all(type(a) in _PLAIN for a in args if isinstance(a, torch.Tensor)))
 
 
@@ -384,10 +398,10 @@ class Op:
             return self.fn(*args)
 
     def __call__(self, *args):
-        if self.function is not None and (forward_ad._current_level >= 0
-                                          or torch._C._are_functorch_transforms_active()):
+        transforms = torch._C._are_functorch_transforms_active()
+        if self.function is not None and (transforms or forward_ad._current_level >= 0):
             _check_differentiable_here(args)
-        if not _plain_eager(args):
+        if transforms or not _plain_eager(args):
             return self.registered(*args)
         if torch.is_grad_enabled() and any(
                 a.requires_grad for a in args if isinstance(a, torch.Tensor)):

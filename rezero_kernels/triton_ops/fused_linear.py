@@ -29,9 +29,9 @@ import triton.language as tl
 from python_ref.activations import code
 
 from .bias_act import BACKWARD_NEEDS, activation, bias_act_grad
-from .common import (as_dtype, bucket, define_op, dropout, dropout_args, gemm_configs, gemm_grid,
-                     gemm_prune, interpreting, launch, math_dtype, new_seed, only_wanted,
-                     skip_launch, to_math)
+from .common import (as_dtype, bucket, define_op, dropout, dropout_args, empty_where_unwanted,
+                     gemm_configs, gemm_grid, gemm_prune, interpreting, launch, math_dtype,
+                     new_seed, only_wanted, skip_launch, to_math)
 
 
 @triton.autotune(configs=gemm_configs(),
@@ -176,8 +176,7 @@ def linear_residual_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torc
         grad_bias = as_dtype(a.view(-1) * colsum, bias.dtype)
     if want_inp:
         grad_inp = torch.matmul(dyp, as_dtype(a * w, inp.dtype)).reshape(inp.shape)
-    return tuple(t if wanted else grad.new_empty(0) for t, wanted in zip(
-        (grad_inp, grad_weight, grad_bias, grad_alpha), output_mask))
+    return empty_where_unwanted((grad_inp, grad_weight, grad_bias, grad_alpha), output_mask, grad)
 
 
 def _residual_setup(ctx, inputs, output):
@@ -229,9 +228,9 @@ def linear_act_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torch.Ten
     dz, colsum = bias_act_grad(grad2, z.reshape(M, N) if reads_z else None, None, act, p, seed,
                                inp.dtype, store, want_bias)
     dz = dz if store else grad2
-    grad_inp = torch.matmul(dz, weight).reshape(inp.shape) if want_inp else grad.new_empty(0)
-    grad_weight = torch.matmul(dz.t(), inp.reshape(M, K)) if want_weight else grad.new_empty(0)
-    return grad_inp, grad_weight, colsum if want_bias else grad.new_empty(0)
+    grad_inp = torch.matmul(dz, weight).reshape(inp.shape) if want_inp else None
+    grad_weight = torch.matmul(dz.t(), inp.reshape(M, K)) if want_weight else None
+    return empty_where_unwanted((grad_inp, grad_weight, colsum), output_mask, grad)
 
 
 def _act_setup(ctx, inputs, output):

@@ -20,8 +20,8 @@ import triton.language as tl
 
 from .common import (as_dtype, bucket, cdiv, define_op, dropout, dropout_args, elementwise_configs,
                      elementwise_grid, elementwise_prune, elementwise_tile, launch, math_dtype,
-                     new_seed, only_wanted, reduction_grid, row_groups, skip_launch,
-                     to_math)
+                     new_seed, only_wanted, partial_sums, reduction_grid, row_groups,
+                     skip_launch, to_math)
 
 
 @triton.jit
@@ -106,9 +106,7 @@ def residual_backward(grad: torch.Tensor, fx: torch.Tensor, alpha: torch.Tensor,
     groups = row_groups(M)
     grad_fx = torch.empty(fx.shape, dtype=fx.dtype, device=fx.device)
     launches = fx.numel() and not skip_launch(fx)
-    # the kernel writes every partial; without a launch (no rows) they are zeros
-    partial = (torch.empty if launches else torch.zeros)(
-        (groups if reduce else 0, C), dtype=math_dtype(fx.dtype), device=fx.device)
+    partial = partial_sums(groups if reduce else 0, C, math_dtype(fx.dtype), fx.device, launches)
     if launches:
         launch(_residual_bwd, reduction_grid(groups, C), fx.device,
                grad.contiguous(), fx.contiguous(), alpha, seed, grad_fx, partial, M, C, bucket(M),
