@@ -3,6 +3,8 @@
 #   ./dev.sh demo    set up, then print fused vs. reference timings (python -m bench --quick)
 #   ./dev.sh test    set up, then run the test suite
 #   ./dev.sh setup   set up only
+#   ./dev.sh oldest  the test suite on the oldest versions supported, torch 2.11 and triton 3.6
+#                    (the GPU machines' versions), in a venv of their own (about 5 GB)
 #   ./dev.sh gpu [DIR]  on a GPU machine: build with the CUDA kernels, run the device-generic
 #                    tests on CUDA, compute-sanitizer over a CUDA subset, the GPU benchmark;
 #                    logs, JSON, PNG and versions into DIR (default bench/results/gpu)
@@ -92,10 +94,39 @@ gpu() {
   echo "dev.sh gpu: all stages passed; results in $out"
 }
 
+# The test suite on torch 2.11 with the triton it requires (3.6): the oldest versions we
+# support, and the GPU machines' ones, checked on any machine.  The venv lives in the cache
+# (PyPI's torch 2.11 is the CUDA build, with its CUDA libraries: about 5 GB, a minute to fetch);
+# numpy stays below 2.4, with which triton 3.6's interpreter cannot run.  The extension is built
+# into a copy of this working tree (uncommitted files included, the checkout's own build left
+# alone), with the CUDA kernels where nvcc is found, as on a GPU machine.
+oldest() {
+  local venv=${REZERO_KERNELS_CACHE:-$HOME/.cache/rezero_kernels}/venv-torch2.11 copy
+  [ -x "$venv/bin/python" ] || { "$PY" -m venv "$venv" && "$venv/bin/pip" install -q -U pip; }
+  "$venv/bin/pip" install -q "torch==2.11.0" "numpy<2.4" "setuptools>=64" wheel pytest \
+      pytest-benchmark expecttest ninja matplotlib scikit-learn gensim
+  "$venv/bin/pip" install -q --no-deps "rezero==0.1.0"
+  copy=$(mktemp -d)
+  git ls-files -z -co --exclude-standard | tar -c --null -T - -f - | tar -x -C "$copy" -f -
+  # CUDA where nvcc says it is (torch guesses from nvcc's path, which may be a wrapper script)
+  local cuda_home=${CUDA_HOME:-} rc=0
+  if [ -z "$cuda_home" ] && command -v nvcc > /dev/null; then
+    cuda_home=$(nvcc --dryrun -E -x cu /dev/null 2>&1 | sed -n 's/^#\$ TOP=//p')
+  fi
+  # (a subshell tested by || ignores set -e: hence the &&; the install tests build too)
+  ( cd "$copy" && export CUDA_HOME=$cuda_home REZERO_CUDA_ARCH=${REZERO_CUDA_ARCH:-90} &&
+    "$venv/bin/pip" install -q --no-build-isolation --no-deps -e . &&
+    "$venv/bin/python" -c "import torch, triton, rezero_kernels as r; print('torch', torch.__version__, '| triton', triton.__version__, '| backends', r.backends())" &&
+    "$venv/bin/python" -m pytest tests -q -p no:cacheprovider ) || rc=$?
+  rm -rf "$copy"
+  return $rc
+}
+
 case "${1:-}" in
   setup) setup ;;
   demo) setup; "$PY" -m bench --quick ;;
   test) setup; "$PY" -m pytest tests -q -p no:cacheprovider ;;
+  oldest) oldest ;;
   gpu) gpu "${2:-}" ;;
-  *) echo "usage: ./dev.sh {setup|demo|test|gpu [DIR]}" >&2; exit 2 ;;
+  *) echo "usage: ./dev.sh {setup|demo|test|oldest|gpu [DIR]}" >&2; exit 2 ;;
 esac

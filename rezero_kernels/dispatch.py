@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.metadata
 import importlib.util
 import os
 import warnings
@@ -47,11 +48,23 @@ def _cuda_missing() -> Optional[str]:
     return "the extension has no CUDA kernels or no GPU is visible"
 
 
+def _release(version: str) -> tuple:
+    """(major, minor) of a version string."""
+    return tuple(int(part) for part in version.split(".")[:2])
+
+
 def _triton_missing() -> Optional[str]:
     if importlib.util.find_spec("triton") is None:
         return "triton is not installed"
     if not (torch.cuda.is_available() or triton_interpreting()):
         return "no GPU is visible and TRITON_INTERPRET is not 1"
+    if triton_interpreting():
+        # triton < 3.7's interpreter takes a loop bound with int() of a 1-element array, an
+        # error since numpy 2.4: every kernel with a runtime loop bound would fail deep inside it
+        triton, numpy = (importlib.metadata.version(d) for d in ("triton", "numpy"))
+        if _release(triton) < (3, 7) and _release(numpy) >= (2, 4):
+            return (f"the interpreter of triton {triton} cannot run with numpy {numpy}: use "
+                    "numpy<2.4 or triton>=3.7")
     return None
 
 

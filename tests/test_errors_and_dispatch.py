@@ -87,6 +87,27 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
     dispatch._warn_fallback.cache_clear()
 
 
+@pytest.mark.parametrize("triton, numpy, usable", [
+    ("3.6.0", "2.4.1", False), ("3.6.0", "2.3.5", True), ("3.7.0", "2.4.1", True),
+    ("3.9.0", "2.4.6", True)])
+def test_triton_interpreter_that_cannot_run_with_this_numpy_says_so(monkeypatch, triton, numpy,
+                                                                     usable):
+    """triton < 3.7's interpreter takes loop bounds with int() of a 1-element array, an error since
+    numpy 2.4: the backend is then unavailable with that reason, not 900 failures deep inside
+    the interpreter."""
+    import importlib.metadata
+    versions = {"triton": triton, "numpy": numpy}
+    monkeypatch.setattr(importlib.metadata, "version", versions.__getitem__)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    why = dispatch._triton_missing()
+    if usable:
+        assert why is None
+    else:
+        assert why == ("the interpreter of triton 3.6.0 cannot run with numpy 2.4.1: use "
+                       "numpy<2.4 or triton>=3.7")
+
+
 @pytest.mark.skipif(rzk.backends()["cuda"] or not rzk.backends()["triton"],
                     reason="needs the triton backend without the CUDA kernels")
 def test_auto_passing_over_the_cuda_backend_warns_once():

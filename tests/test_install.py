@@ -16,6 +16,7 @@ skipped where it cannot be reached.
 import json
 import os
 import shutil
+import site
 import subprocess
 import sys
 import time
@@ -84,6 +85,13 @@ class Workspace:
         shutil.rmtree(self.venv, ignore_errors=True)
         _run([sys.executable, "-m", "venv", "--system-site-packages", self.venv], self.root,
              "python -m venv")
+        if sys.prefix != sys.base_prefix:
+            # run from a venv (./dev.sh oldest), whose torch is its own, not the system's: a
+            # venv made from it inherits the system's site-packages, so add the venv's first
+            pth = os.path.join(self.venv, "lib", "python%d.%d" % sys.version_info[:2],
+                               "site-packages", "inherited.pth")
+            with open(pth, "w") as f:
+                f.write("\n".join(site.getsitepackages()) + "\n")
         if packages:
             out = subprocess.run([self.python, "-m", "pip", "install", "-q", *packages],
                                  cwd=self.root, capture_output=True, text=True, timeout=TIMEOUT_S)

@@ -57,7 +57,8 @@ class Target:
         if self.interpreted and os.environ.get("TRITON_INTERPRET") != "1":
             return "the Triton interpreter runs only on machines without a GPU (TRITON_INTERPRET=1)"
         if not rzk.backends()[self.backend]:
-            return f"backend {self.backend!r} is not available here"
+            return (f"backend {self.backend!r} is not available here: "
+                    f"{rzk.dispatch._UNAVAILABLE[self.backend]}")
         return None
 
 

@@ -18,8 +18,9 @@ pytest.importorskip("triton")
 import rezero_kernels as rzk  # noqa: E402
 
 if not rzk.backends()["triton"]:
-    pytest.skip("the triton backend needs a GPU, or TRITON_INTERPRET=1 set before rezero_kernels "
-                "is first imported", allow_module_level=True)
+    pytest.skip(f"the triton backend is not available: {rzk.dispatch._UNAVAILABLE['triton']} "
+                "(TRITON_INTERPRET is read when rezero_kernels is first imported)",
+                allow_module_level=True)
 DEV = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 F = rzk.functional
@@ -165,26 +166,48 @@ def _every_op_args(rows=5):
                       (17,)]]
 
 
-def test_eager_calls_skip_the_registered_ops(registered_calls, monkeypatch):
+@pytest.fixture
+def wrapping(monkeypatch):
+    """Whether ``wrap_triton`` was enabled at each launch, in order."""
+    from torch._library.triton import is_wrap_triton_enabled
+    from rezero_kernels.triton_ops import common
+    states = []
+
+    def recording_wrap_triton(kernel):
+        states.append(is_wrap_triton_enabled())
+        return original(kernel)
+    original = common.wrap_triton
+    monkeypatch.setattr(common, "wrap_triton", recording_wrap_triton)
+    return states
+
+
+def test_eager_calls_skip_the_registered_ops(registered_calls, wrapping):
     """Plain tensors in eager mode run the ops' functions directly, forward and backward, with
     and without grad: the dispatcher and torch.library's Python layers cost ~30 us a call.  Their
     launches go straight to Triton, as triton_op's eager kernel does (with ``wrap_triton``
     enabled, an eager launch on a GPU goes through a higher-order op: about 1 ms)."""
-    from torch._library.triton import is_wrap_triton_enabled
-    from rezero_kernels.triton_ops import common
-    wrapping = []
-
-    def recording_wrap_triton(kernel):
-        wrapping.append(is_wrap_triton_enabled())
-        return original(kernel)
-    original = common.wrap_triton
-    monkeypatch.setattr(common, "wrap_triton", recording_wrap_triton)
     args = _every_op_args()
     torch.autograd.grad(_every_op(args), args)
     with torch.no_grad():
         _every_op(args)
     assert registered_calls == []
     assert len(wrapping) >= 12 and not any(wrapping), wrapping
+
+
+def test_registered_ops_called_eagerly_launch_straight_to_triton(wrapping):
+    """A registered op called on real tensors (vmap's per-sample fallback, a tensor subclass
+    that unwraps to them) launches with ``wrap_triton`` off too: a triton_op's eager kernel
+    does this itself, and under the interpreter the custom_op does it as well (torch 2.11
+    cannot launch an interpreted kernel through the higher-order op: 'function' object has no
+    attribute 'fn')."""
+    from python_ref.activations import code
+    from rezero_kernels.triton_ops import bias_act, fused_linear, residual
+    x, fx, a, h, b, inp, w, bias = (t.detach() for t in _every_op_args())
+    residual.residual.registered(x, fx, a, 0.0, None)
+    bias_act.bias_act.registered(h, b, code("gelu"), 0.0, None)
+    fused_linear.linear_residual.registered(x, inp, w, bias, a, 0.0, None)
+    fused_linear.linear_act.registered(inp, w, bias, code("relu"), 0.0, None, 0)
+    assert len(wrapping) == 4 and not any(wrapping), wrapping
 
 
 def test_compile_and_double_backward_take_the_registered_ops(registered_calls):

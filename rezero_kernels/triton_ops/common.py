@@ -360,7 +360,9 @@ class Op:
 
     Registered: on a GPU a ``triton_op``, whose kernels Inductor traces and compiles.  Under the
     interpreter ``wrap_triton`` cannot trace kernels, so the same function becomes an opaque
-    ``custom_op`` with itself (launches skipped on fake tensors) as the fake kernel.
+    ``custom_op`` with itself (launches skipped on fake tensors) as the fake kernel; its real
+    kernel launches with ``wrap_triton`` off, as a ``triton_op``'s does (torch 2.11 cannot
+    launch an interpreted kernel through the higher-order op).
 
     Called: plain eager tensors run ``fn`` itself, under ``function`` (an autograd.Function
     from the op's setup and backward) when a gradient is wanted; anything else runs the
@@ -373,7 +375,9 @@ class Op:
         self.fn = fn
         self.function = None
         if interpreting():
-            self.registered = torch.library.custom_op(qualname, fn, mutates_args=())
+            self.registered = torch.library.custom_op(
+                qualname, self._run, mutates_args=(),
+                schema=torch.library.infer_schema(fn, mutates_args=()))
             self.registered.register_fake(fn)
         else:
             self.registered = torch.library.triton_op(qualname, fn, mutates_args=())
