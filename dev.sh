@@ -101,7 +101,9 @@ gpu() {
 # into a copy of this working tree (uncommitted files included, the checkout's own build left
 # alone), with the CUDA kernels where nvcc is found, as on a GPU machine.
 oldest() {
-  local venv=${REZERO_KERNELS_CACHE:-$HOME/.cache/rezero_kernels}/venv-torch2.11 copy
+  local venv copy
+  venv=${REZERO_KERNELS_CACHE:-$HOME/.cache/rezero_kernels}/venv-torch2.11-py$("$PY" -c \
+    "import sys; print('%d.%d' % sys.version_info[:2])")
   [ -x "$venv/bin/python" ] || { "$PY" -m venv "$venv" && "$venv/bin/pip" install -q -U pip; }
   "$venv/bin/pip" install -q "torch==2.11.0" "numpy<2.4" "setuptools>=64" wheel pytest \
       pytest-benchmark expecttest ninja matplotlib scikit-learn gensim
