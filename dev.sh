@@ -15,17 +15,26 @@ set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
 
+# install_here PYTHON [REQUIREMENT...]: into PYTHON's environment, the REQUIREMENTs, the build
+# requirements (pyproject.toml: --no-build-isolation leaves them to us) and the test and
+# benchmark dependencies, none of which requires torch; the original package; then this
+# directory's package, built against the torch there.  Chained with && so that a caller's
+# subshell tested by || stops at the first failure too.
+install_here() {
+  local py=$1
+  shift
+  "$py" -m pip install -q "$@" "setuptools>=64" wheel pytest pytest-benchmark expecttest ninja \
+      matplotlib scikit-learn gensim &&
+    "$py" -m pip install -q --no-deps "rezero==0.1.0" &&
+    "$py" -m pip install -q --no-build-isolation --no-deps -e . &&
+    "$py" -c "import torch, triton, rezero_kernels as r; print('torch', torch.__version__, '| triton', triton.__version__, '| backends', r.backends())"
+}
+
 setup() {
   if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install -q "torch==2.13.0"
   fi
-  # the build requirements (pyproject.toml: --no-build-isolation leaves them to us), and the
-  # test and benchmark dependencies; none of them requires torch
-  "$PY" -m pip install -q "setuptools>=64" wheel numpy pytest pytest-benchmark expecttest ninja \
-      triton matplotlib scikit-learn gensim
-  "$PY" -m pip install -q --no-deps "rezero==0.1.0"
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e .
-  "$PY" -c "import torch, rezero_kernels as r; print('torch', torch.__version__, 'backends', r.backends())"
+  install_here "$PY" numpy triton
 }
 
 # The whole GPU validation in one command, for a lent GPU machine (no network: installs nothing).
@@ -105,9 +114,6 @@ oldest() {
   venv=${REZERO_KERNELS_CACHE:-$HOME/.cache/rezero_kernels}/venv-torch2.11-py$("$PY" -c \
     "import sys; print('%d.%d' % sys.version_info[:2])")
   [ -x "$venv/bin/python" ] || { "$PY" -m venv "$venv" && "$venv/bin/pip" install -q -U pip; }
-  "$venv/bin/pip" install -q "torch==2.11.0" "numpy<2.4" "setuptools>=64" wheel pytest \
-      pytest-benchmark expecttest ninja matplotlib scikit-learn gensim
-  "$venv/bin/pip" install -q --no-deps "rezero==0.1.0"
   copy=$(mktemp -d)
   git ls-files -z -co --exclude-standard | tar -c --null -T - -f - | tar -x -C "$copy" -f -
   # CUDA where nvcc says it is (torch guesses from nvcc's path, which may be a wrapper script)
@@ -117,8 +123,7 @@ oldest() {
   fi
   # (a subshell tested by || ignores set -e: hence the &&; the install tests build too)
   ( cd "$copy" && export CUDA_HOME=$cuda_home REZERO_CUDA_ARCH=${REZERO_CUDA_ARCH:-90} &&
-    "$venv/bin/pip" install -q --no-build-isolation --no-deps -e . &&
-    "$venv/bin/python" -c "import torch, triton, rezero_kernels as r; print('torch', torch.__version__, '| triton', triton.__version__, '| backends', r.backends())" &&
+    install_here "$venv/bin/python" "torch==2.11.0" "numpy<2.4" &&
     "$venv/bin/python" -m pytest tests -q -p no:cacheprovider ) || rc=$?
   rm -rf "$copy"
   return $rc
