@@ -156,15 +156,16 @@ def linear_residual_backward(grad: torch.Tensor, inp: torch.Tensor, weight: torc
     dyp = dyp if cast else grad2
     acc_dtype = math_dtype(inp.dtype)
     a = as_dtype(alpha, acc_dtype).view(-1, 1)
-    w = as_dtype(weight, acc_dtype)
+    # the weight in fp32 (a copy for 16-bit weights), for the alpha and inp gradients only
+    w = as_dtype(weight, acc_dtype) if want_alpha or want_inp else None
     grad_inp = grad_weight = grad_bias = grad_alpha = None
     if want_weight or want_alpha:
         g = torch.empty((N, K), dtype=acc_dtype, device=grad.device)
         _gemm(dyp.t(), inp.reshape(M, K).t(), g)  # G = dy'^T inp, fp32 (every element written)
     if sums:
         colsum = as_dtype(colsum, acc_dtype)
-        b = as_dtype(bias, acc_dtype)
     if want_alpha:  # sum_k W G + b colsum, per channel or in all
+        b = as_dtype(bias, acc_dtype)
         if alpha.numel() == 1:
             grad_alpha = torch.dot(w.reshape(-1), g.reshape(-1)) + torch.dot(b, colsum)
         else:
