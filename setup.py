@@ -4,8 +4,9 @@ Install with ``pip install --no-build-isolation .`` (or ``-e .``): the build use
 is already installed and never installs or replaces one.
 
 Environment switches:
-  REZERO_CUDA       auto (default): build the CUDA kernels when torch has CUDA and CUDA_HOME is
-                    set; 1: require them (error if impossible); 0: CPU-only extension.
+  REZERO_CUDA       auto (default): build the CUDA kernels when torch has CUDA and a CUDA toolkit
+                    is found (torch's CUDA_HOME; an error if that has no CUDA headers); 1: require
+                    them (error if impossible); 0: CPU-only extension.
   REZERO_CUDA_ARCH  CUDA architectures, default "80;90" (sm_80, sm_90).
   REZERO_CPU_ARCH   unset or "" (default): a portable build that runs on any CPU of its
                     architecture; on x86-64 the CPU kernels are compiled once per entry of
@@ -47,6 +48,8 @@ def _sources(pattern):
 
 
 def _want_cuda(torch_cuda: bool, cuda_home) -> bool:
+    """Whether to build the CUDA kernels, given torch's CUDA and CUDA_HOME (torch's: the variable,
+    else the directory above the first nvcc on PATH, else /usr/local/cuda)."""
     mode = os.environ.get("REZERO_CUDA", "auto").lower()
     if mode in ("0", "off", "no"):
         return False
@@ -54,6 +57,13 @@ def _want_cuda(torch_cuda: bool, cuda_home) -> bool:
     if mode in ("1", "on", "yes") and not possible:
         raise RuntimeError("REZERO_CUDA=1 but torch has no CUDA or CUDA_HOME is not set "
                            f"(torch.version.cuda={torch_cuda}, CUDA_HOME={cuda_home})")
+    # torch's guess is wrong where the nvcc on PATH is a link or wrapper script outside the
+    # toolkit (/usr/local/bin/nvcc gives /usr/local): say so, not a missing header mid-build
+    if possible and not os.path.isfile(os.path.join(cuda_home, "include", "cuda_runtime.h")):
+        raise RuntimeError(
+            f"CUDA_HOME={cuda_home} has no include/cuda_runtime.h, so the CUDA kernels cannot be "
+            "built: set CUDA_HOME to the CUDA toolkit's directory (where bin/nvcc and "
+            "include/cuda_runtime.h are), or REZERO_CUDA=0 for an extension without them")
     return possible
 
 

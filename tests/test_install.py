@@ -163,3 +163,30 @@ def test_wheel_installs_into_a_fresh_venv(ws):
     _run([ws.python, "-m", "pip", "install", wheel], ws.elsewhere, "pip install <wheel>")
     _report(f"wheel (built with {versions}, installed with)", plain, seconds,
             ws.check(expect_under=_site_packages(ws)))
+
+
+@pytest.fixture
+def want_cuda(monkeypatch):
+    """setup.py's _want_cuda, read from setup.py run with setuptools.setup a no-op."""
+    import runpy
+    import setuptools
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("REZERO_NO_EXT", "1")
+    monkeypatch.delenv("REZERO_CUDA", raising=False)
+    return runpy.run_path(os.path.join(REPO, "setup.py"))["_want_cuda"]
+
+
+def test_setup_names_a_cuda_home_without_the_cuda_headers(want_cuda, tmp_path, monkeypatch):
+    """torch guesses CUDA_HOME from the nvcc on PATH; where that is a wrapper script outside the
+    toolkit (/usr/local/bin/nvcc), the guess has no headers: setup.py says so before building."""
+    with pytest.raises(RuntimeError, match=rf"CUDA_HOME={tmp_path} has no include/cuda_runtime.h"):
+        want_cuda(True, str(tmp_path))
+    (tmp_path / "include").mkdir()
+    (tmp_path / "include" / "cuda_runtime.h").touch()
+    assert want_cuda(True, str(tmp_path))
+    assert not want_cuda(False, str(tmp_path)) and not want_cuda(True, None)
+    monkeypatch.setenv("REZERO_CUDA", "0")
+    assert not want_cuda(True, str(tmp_path / "missing"))
+    monkeypatch.setenv("REZERO_CUDA", "1")
+    with pytest.raises(RuntimeError, match="REZERO_CUDA=1 but torch has no CUDA"):
+        want_cuda(False, str(tmp_path))
