@@ -26,7 +26,7 @@ def _parse(argv):
                     help="the headline cases only, short timing, no torch.compile baseline")
     ap.add_argument("--gpu", action="store_true",
                     help="the GPU set (cases.GPU) on cuda: short timing, torch.compile only for "
-                         "the GEMM op, layers, stacks and FC nets")
+                         "the GEMM op, layers and stacks (cases.GPU_COMPILE)")
     ap.add_argument("--tiny", action="store_true", default=os.environ.get("REZERO_BENCH_TINY") == "1",
                     help="tiny sizes and few rounds (smoke test; also REZERO_BENCH_TINY=1)")
     ap.add_argument("--out", default="bench_results", help="directory for JSON/CSV/PNG")

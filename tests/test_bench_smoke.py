@@ -3,6 +3,7 @@ writes its table, JSON, CSV and PNG.  No timing is asserted (toy sizes, shared m
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +47,24 @@ def test_bench_quick_tiny(tmp_path):
     assert len(rows) == len(data["results"]) and "speedup_vs_eager" in rows[0]
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
+
+
+def test_every_case_of_the_gpu_run_runs_on_the_cpu(tmp_path):
+    """``./dev.sh gpu`` runs ``python -m bench --gpu`` on a lent GPU, seldom: each of its cases
+    must at least build and run (tiny, on the CPU) before it gets there."""
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    names = subprocess.run([sys.executable, "-m", "bench", "--gpu", "--list"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120).stdout.split()
+    assert len(names) > 20 and any(n.startswith("fc/") for n in names), names
+    out = tmp_path / "results"
+    pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
+    cmd = [sys.executable, "-m", "bench", "--tiny", "--device", "cpu", "--no-peak", "--no-compile",
+           "--threads", "1", "--filter", pattern, "--out", str(out)]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    ran = {r["case"] for r in json.loads((out / "results.json").read_text())["results"]}
+    assert ran == set(names), set(names) ^ ran
 
 def test_bench_tuned_malloc_is_recorded(tmp_path):
     env = dict(os.environ)
