@@ -12,9 +12,12 @@ torch rather than install one.  Every case builds in one copy of the source tree
 path: the compile commands are then identical and ninja compiles the extension once (the first
 case); later cases only link.  Needs PyPI (wheel, pip, setuptools and build go into the venvs);
 skipped where it cannot be reached.
+
+And, without a venv, setup.py's check of the CUDA toolkit it would build the CUDA kernels with.
 """
 import json
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -179,7 +182,7 @@ def want_cuda(monkeypatch):
 def test_setup_names_a_cuda_home_without_the_cuda_headers(want_cuda, tmp_path, monkeypatch):
     """torch guesses CUDA_HOME from the nvcc on PATH; where that is a wrapper script outside the
     toolkit (/usr/local/bin/nvcc), the guess has no headers: setup.py says so before building."""
-    with pytest.raises(RuntimeError, match=rf"CUDA_HOME={tmp_path} has no include/cuda_runtime.h"):
+    with pytest.raises(RuntimeError, match=re.escape(f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h")):
         want_cuda(True, str(tmp_path))
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "cuda_runtime.h").touch()
