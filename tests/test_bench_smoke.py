@@ -13,15 +13,20 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _bench(*args, timeout=300, unset=()) -> str:
+    """``python -m bench ARGS``'s output; it must succeed.  Without TRITON_INTERPRET (the
+    interpreter is a test vehicle, not a benchmark backend) or the variables in ``unset``."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", *unset)}
+    res = subprocess.run([sys.executable, "-m", "bench", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res.stdout
+
+
 def test_bench_quick_tiny(tmp_path):
     pytest.importorskip("matplotlib")
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)  # the interpreter is a test vehicle, not a benchmark backend
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--quick", "--tiny", "--threads", "1", "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    text = res.stdout
+    text = _bench("--quick", "--tiny", "--threads", "1", "--out", str(out))
     for heading in ("== Headline", "== Targets ==", "== All results"):
         assert heading in text, text
     assert "allocator:" in text and "speed-up" in text
@@ -52,30 +57,21 @@ def test_bench_quick_tiny(tmp_path):
 def test_every_case_of_the_gpu_run_runs_on_the_cpu(tmp_path):
     """``./dev.sh gpu`` runs ``python -m bench --gpu`` on a lent GPU, seldom: each of its cases
     must at least build and run (tiny, on the CPU) before it gets there."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    names = subprocess.run([sys.executable, "-m", "bench", "--gpu", "--list"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120).stdout.split()
+    names = _bench("--gpu", "--list", timeout=120).split()
     assert len(names) > 20 and any(n.startswith("fc/") for n in names), names
     out = tmp_path / "results"
     pattern = "^(" + "|".join(map(re.escape, names)) + ")$"
-    cmd = [sys.executable, "-m", "bench", "--tiny", "--device", "cpu", "--no-peak", "--no-compile",
-           "--threads", "1", "--filter", pattern, "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _bench("--tiny", "--device", "cpu", "--no-peak", "--no-compile", "--threads", "1",
+           "--filter", pattern, "--out", str(out), timeout=600)
     ran = {r["case"] for r in json.loads((out / "results.json").read_text())["results"]}
     assert ran == set(names), set(names) ^ ran
 
+
 def test_bench_tuned_malloc_is_recorded(tmp_path):
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
-    for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "REZERO_BENCH_TUNED_MALLOC"):
-        env.pop(k, None)
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--tiny", "--tuned-malloc", "--no-peak", "--no-compile", "--threads",
-           "1", "--filter", "^op/rezero_residual/fwd/fp32/small/p0$", "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    _bench("--tiny", "--tuned-malloc", "--no-peak", "--no-compile", "--threads", "1",
+           "--filter", "^op/rezero_residual/fwd/fp32/small/p0$", "--out", str(out),
+           unset=("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "REZERO_BENCH_TUNED_MALLOC"))
     alloc = json.loads((out / "results.json").read_text())["meta"]["allocator"]
     assert alloc["tuned_malloc_flag"] and alloc["mmap_threshold_set"]
     assert alloc["env"]["MALLOC_MMAP_THRESHOLD_"] == "17179869184"
@@ -84,14 +80,10 @@ def test_bench_tuned_malloc_is_recorded(tmp_path):
 def test_bench_budget_stops_starting_cases_and_still_writes_results(tmp_path):
     """--budget (what ./dev.sh gpu uses to end inside its time limit): no case starts after the
     budget is spent; the cases run so far are reported and written, the rest listed."""
-    env = dict(os.environ)
-    env.pop("TRITON_INTERPRET", None)
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "bench", "--tiny", "--no-peak", "--no-compile", "--threads", "1",
-           "--filter", "^host/rezero_residual/fwd/", "--budget", "0", "--out", str(out)]
-    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    assert "budget of 0 s spent: 4 cases not run" in res.stdout, res.stdout
+    text = _bench("--tiny", "--no-peak", "--no-compile", "--threads", "1",
+                  "--filter", "^host/rezero_residual/fwd/", "--budget", "0", "--out", str(out))
+    assert "budget of 0 s spent: 4 cases not run" in text, text
     data = json.loads((out / "results.json").read_text())
     assert data["results"] == [] and len(data["meta"]["not_run"]) == 4
     assert (out / "results.csv").exists()

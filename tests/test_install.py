@@ -182,7 +182,8 @@ def want_cuda(monkeypatch):
 def test_setup_names_a_cuda_home_without_the_cuda_headers(want_cuda, tmp_path, monkeypatch):
     """torch guesses CUDA_HOME from the nvcc on PATH; where that is a wrapper script outside the
     toolkit (/usr/local/bin/nvcc), the guess has no headers: setup.py says so before building."""
-    with pytest.raises(RuntimeError, match=re.escape(f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h")):
+    missing = re.escape(f"CUDA_HOME={tmp_path} has no include/cuda_runtime.h")
+    with pytest.raises(RuntimeError, match=missing):
         want_cuda(True, str(tmp_path))
     (tmp_path / "include").mkdir()
     (tmp_path / "include" / "cuda_runtime.h").touch()
