@@ -15,6 +15,8 @@ Environment switches:
   REZERO_NO_EXT     1: install the pure-Python package only (backend "auto" then warns and uses
                     the reference).
 
+The C++ standard is torch's: BuildExtension adds the -std flag its headers need (a pinned older
+one broke the build on torch 2.15, whose headers need C++20).
 The objects are compiled without debug information (-g0): it would make the library six times
 larger and the build half as long again.  Every kind of install (editable ones included, which
 setuptools would otherwise build in a fresh temporary folder) compiles into build/temp.*, so a
@@ -104,7 +106,9 @@ def extensions():
 
     variants = cpu_variants(os.environ.get("REZERO_CPU_ARCH", ""))
     write_variants_header(variants)
-    cxx = ["-O3", "-g0", "-std=c++17", "-fopenmp"]
+    # no -std flag: torch's BuildExtension adds the C++ standard its headers need (C++17 for
+    # torch 2.11, C++20 since), and a fixed older one would fail on a newer torch
+    cxx = ["-O3", "-g0", "-fopenmp"]
     sources = _sources("csrc/*.cpp") + _sources("csrc/cpu/*.cpp")
     kernel_sources = _sources("csrc/cpu/kernels/*.cpp")
     common = dict(include_dirs=[GENERATED], extra_link_args=["-fopenmp"])
@@ -146,7 +150,7 @@ def extensions():
         sources += _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
         ext = cpp_extension.CUDAExtension(
             "rezero_kernels._C", sources, define_macros=[("REZERO_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", *gencode]}, **common)
+            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", *gencode]}, **common)
     return [ext], {"build_ext": BuildExtension}
 
 

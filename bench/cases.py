@@ -28,6 +28,7 @@ Modes: ``fwd`` is a training forward (inputs require grad, autograd records); ``
 from __future__ import annotations
 
 import copy
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -42,13 +43,14 @@ from rezero_kernels import functional as fused
 from . import roofline, timing
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-OPS = ("rezero_residual", "bias_act_dropout", "rezero_linear")
+OPS = ("rezero_residual", "bias_act_dropout", "gated_act_dropout", "rezero_linear")
 HOST_OPS = OPS + ("linear_bias_act_dropout", "rezero_fc")
 HOST_SIZES = {"8x8": (8, 8), "64x256": (64, 256)}  # host-bound: the kernels cost next to nothing
 OP_MODES = ("fwd", "bwd", "fwd+bwd")
 DROPOUTS = (0.0, 0.1)
 SIZES = ("small", "large")
 ACTIVATION = "gelu"  # bias_act_dropout's activation in the op cases
+GATED_ACTIVATION = "silu"  # gated_act_dropout's (SwiGLU)
 DEPTHS = (12, 64, 128)
 
 # one compiled reference op serves 2 dtypes x 2 sizes x several modes: allow the recompiles
@@ -126,12 +128,15 @@ def _op_bytes(op: str, mode: str, n: int, elt: int):
     """Bytes an op must move: each input read once, each output written once (None for the
     GEMM op, whose roofline is its ``floor``).  residual: fwd reads x, fx, writes y; bwd reads
     grad, fx, writes grad_fx (grad_x is grad itself).  bias_act_dropout: fwd reads h, writes y;
-    bwd reads grad, h, writes grad_h.  Per-channel vectors are negligible and not counted."""
-    per = {"rezero_residual": (3, 3), "bias_act_dropout": (2, 3)}.get(op)
+    bwd reads grad, h, writes grad_h.  gated_act_dropout (n: elements of gate_up): fwd reads
+    gate_up, writes y (n / 2); bwd reads grad (n / 2), gate_up, writes grad_gate_up.
+    Per-channel vectors are negligible and not counted."""
+    per = {"rezero_residual": (3, 3), "bias_act_dropout": (2, 3),
+           "gated_act_dropout": (1.5, 2.5)}.get(op)
     if per is None:
         return None
     fwd, bwd = per
-    return n * elt * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+    return int(n * elt * {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode])
 
 
 def _op_inputs(op, dtype, shp, device):
@@ -146,6 +151,8 @@ def _op_inputs(op, dtype, shp, device):
         return (t(r, c), t(r, c), alpha)
     if op == "bias_act_dropout":
         return (t(r, c), t(c))
+    if op == "gated_act_dropout":  # gate_up: the main tensor; the result has c / 2 columns
+        return (t(r, c),)
     if op == "linear_bias_act_dropout":
         return (t(r, k), t(c, k) / k ** 0.5, t(c))
     if op == "rezero_fc":
@@ -159,6 +166,8 @@ def _op_fn(op: str, p: float, variant: str):
         b = variant[len("rezero["):-1]
         return {"rezero_residual": lambda x, fx, a: fused.rezero_residual(x, fx, a, p, True, b),
                 "bias_act_dropout": lambda h, bias: fused.bias_act_dropout(h, bias, ACTIVATION, p, True, b),
+                "gated_act_dropout": lambda gu: fused.gated_act_dropout(gu, GATED_ACTIVATION, p,
+                                                                        True, b),
                 "rezero_linear": lambda x, i, w, bias, a: fused.rezero_linear(x, i, w, bias, a, p, True, b),
                 "linear_bias_act_dropout": lambda i, w, bias: fused.linear_bias_act_dropout(
                     i, w, bias, ACTIVATION, p, True, b),
@@ -167,6 +176,8 @@ def _op_fn(op: str, p: float, variant: str):
                 }[op]
     return {"rezero_residual": lambda x, fx, a: python_ref.rezero_residual(x, fx, a, p, True),
             "bias_act_dropout": lambda h, bias: python_ref.bias_act_dropout(h, bias, ACTIVATION, p, True),
+            "gated_act_dropout": lambda gu: python_ref.gated_act_dropout(gu, GATED_ACTIVATION, p,
+                                                                         True),
             "rezero_linear": lambda x, i, w, bias, a: python_ref.rezero_linear(x, i, w, bias, a, p, True),
             "linear_bias_act_dropout": lambda i, w, bias: python_ref.linear_bias_act_dropout(
                 i, w, bias, ACTIVATION, p, True),
@@ -196,6 +207,7 @@ def _mode_call(f, inputs, mode, grad_out=None):
 
 
 _LABELS = {"rezero_residual": "residual", "bias_act_dropout": f"bias+{ACTIVATION}+dropout",
+           "gated_act_dropout": f"{GATED_ACTIVATION}(g)*u+dropout",
            "rezero_linear": "linear+residual", "linear_bias_act_dropout": f"linear+{ACTIVATION}+dropout",
            "rezero_fc": f"FC block ({ACTIVATION})"}
 
@@ -389,6 +401,180 @@ def _make_stack_case(depth, dtype="fp32", shape=None, tag=""):
 
 
 # ---------------------------------------------------------------------------------------------
+# Llama-style decoder layers (RZLlamaLayer) against the layers people train today
+
+
+@dataclass(frozen=True)
+class LlamaShape:
+    d_model: int
+    nhead: int
+    kv_heads: int
+    hidden: int
+    batch: int
+    seq: int
+
+    def kwargs(self) -> dict:
+        return dict(d_model=self.d_model, nhead=self.nhead, num_kv_heads=self.kv_heads,
+                    dim_feedforward=self.hidden)
+
+    def text(self, p) -> str:
+        return (f"d{self.d_model} h{self.nhead} kv{self.kv_heads} hidden{self.hidden} "
+                f"{self.batch}x{self.seq} tokens p={p:g}")
+
+
+LLAMA = LlamaShape(512, 8, 2, 1408, 8, 128)
+LLAMA_STACK = {1: LLAMA, 12: LLAMA, 64: LlamaShape(512, 8, 2, 1408, 2, 128)}
+TINY_LLAMA = LlamaShape(32, 4, 2, 48, 2, 8)
+LLAMA_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16}  # amp: torch.autocast on the device
+
+
+class PreNormLlama(nn.Module):
+    """The layer a user trains without ReZero, written out in plain PyTorch (the baseline when HF
+    ``transformers`` is absent): ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``, with a
+    ``python_ref.RZLlamaLayer``'s projections, RoPE and SDPA, SiLU, no dropout."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        dev, dt = layer.resweight.device, layer.resweight.dtype
+        self.input_layernorm = nn.RMSNorm(layer.d_model, eps=1e-6, device=dev, dtype=dt)
+        self.post_attention_layernorm = nn.RMSNorm(layer.d_model, eps=1e-6, device=dev, dtype=dt)
+
+    def forward(self, x):
+        from python_ref import llama
+        r, a = self.layer, self.layer.self_attn
+        batch, length, _ = x.shape
+        h = self.input_layernorm(x)
+
+        def heads(t, n):
+            return t.view(batch, length, n, r.head_dim).transpose(1, 2)
+        q, k, v = heads(a.q_proj(h), r.nhead), heads(a.k_proj(h), r.num_kv_heads), \
+            heads(a.v_proj(h), r.num_kv_heads)
+        cos, sin = llama.rotary_cos_sin(llama.rotary_table(r.head_dim, r.rope_theta), None, 0,
+                                        length, r.max_positions, x.device, q.dtype)
+        q, k = llama.apply_rotary(q, cos, sin), llama.apply_rotary(k, cos, sin)
+        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                                       enable_gqa=r.num_kv_heads != r.nhead)
+        x = x + a.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
+        g, u = r.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        return x + r.mlp.down_proj(nn.functional.silu(g) * u)
+
+
+# the layer a user would otherwise train: HF's, or the plain equivalent, named as such
+_PRENORM = ("hf.Llama" if importlib.util.find_spec("transformers") is not None
+            else "prenorm(plain)")
+
+
+def _hf_llama_layers(s: LlamaShape, depth: int, p: float, device, dtype):
+    """HF transformers' LlamaDecoderLayers (pre-norm RMSNorm, SDPA attention) built from a
+    LlamaConfig, no download, and its rotary embedding."""
+    from transformers import LlamaConfig
+    from transformers.models.llama import modeling_llama as hf
+    config = LlamaConfig(hidden_size=s.d_model, num_attention_heads=s.nhead,
+                         num_key_value_heads=s.kv_heads, intermediate_size=s.hidden,
+                         num_hidden_layers=depth, attention_dropout=p)
+    config._attn_implementation = "sdpa"
+    layers = [hf.LlamaDecoderLayer(config, layer_idx=i).to(device=device, dtype=dtype)
+              for i in range(depth)]
+    return layers, hf.LlamaRotaryEmbedding(config).to(device)
+
+
+class HFStack(nn.Module):
+    """HF decoder layers in sequence, with the rotary embedding computed once per forward as
+    HF's model does (causal: no attention mask, SDPA's is_causal)."""
+
+    def __init__(self, layers, rotary):
+        super().__init__()
+        self.layers, self.rotary = nn.ModuleList(layers), rotary
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1], device=x.device)[None]
+        embeddings = self.rotary(x, positions)
+        for layer in self.layers:
+            out = layer(x, position_embeddings=embeddings, position_ids=positions)
+            x = out[0] if isinstance(out, tuple) else out
+        return x
+
+
+def _make_llama_case(depth, dtype, p):
+    what = "layer" if depth == 1 else f"stack{depth}"
+    name = f"llama/{what}/train/{dtype}/p{p:g}"
+    title = (f"Llama-style {'layer' if depth == 1 else f'{depth}-layer stack'} training step "
+             f"{dtype} p={p:g}")
+    amp = LLAMA_DTYPES[dtype]
+    # the layer a user would otherwise train (its own dropout is attention-only: compared at p 0)
+    others = (_PRENORM,) if p == 0 else ()
+    floor = ("floor",) if depth == 1 else ()
+
+    def build(cfg: Config, only=None) -> Built:
+        s = TINY_LLAMA if cfg.tiny else LLAMA_STACK[depth]
+        d = min(depth, 2) if cfg.tiny else depth
+        want = case.variant_names(cfg, only)
+        torch.manual_seed(cfg.seed)
+        kw = dict(s.kwargs(), dropout=p, attn_dropout=p, mlp_dropout=p, device=cfg.device)
+        refs = [python_ref.RZLlamaLayer(**kw, alpha_init=0.5) for _ in range(d)]
+        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device)
+        grad_out = torch.randn_like(x)
+        # the rotary table every layer shares: state like the parameters, not activations
+        table = python_ref.llama.rotary_table(refs[0].head_dim, refs[0].rope_theta)
+        shared = [t for dt in (torch.float32, amp or torch.float32)
+                  for t in table.get(refs[0].max_positions, torch.device(cfg.device), dt)]
+        built = Built({}, tokens=s.batch * s.seq, shape=f"{d} layer(s), {s.text(p)}",
+                      note="training step = forward + autograd.grad w.r.t. all parameters "
+                           "(no optimizer); amp-bf16 = torch.autocast(bfloat16) around fp32 "
+                           "parameters; p = residual, attention and MLP dropout; hf.Llama = HF "
+                           "transformers' LlamaDecoderLayer (pre-RMSNorm; prenorm(plain): the "
+                           "same written out, when transformers is absent), at p = 0 only")
+        for v in want:
+            if v == "floor":
+                hidden = torch.randn(s.batch, s.seq, s.hidden, device=cfg.device,
+                                     requires_grad=True)
+                model = roofline.LlamaFloor(refs[0], hidden)
+                params = [x, hidden] + [q for q in refs[0].parameters() if q.dim() > 1]
+                grads = (grad_out, torch.randn(s.batch, s.seq, 2 * s.hidden, device=cfg.device))
+
+                def call(model=model, params=params, grads=grads):
+                    with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                        return torch.autograd.grad(model(x), params, grads)
+                built.variants[v] = call
+                continue
+            if v == "hf.Llama":
+                model = HFStack(*_hf_llama_layers(s, d, p, cfg.device, torch.float32))
+            elif v == "prenorm(plain)":
+                model = nn.Sequential(*[PreNormLlama(copy.deepcopy(r)) for r in refs])
+            elif v.startswith("rezero["):
+                model = nn.Sequential(*[rzk.RZLlamaLayer(**kw, backend=v[len("rezero["):-1])
+                                        for _ in refs])
+                model.load_state_dict(nn.Sequential(*refs).state_dict())
+            else:
+                model = nn.Sequential(*[copy.deepcopy(r) for r in refs])
+                if v == "compiled":
+                    for layer in model:
+                        layer.compile(dynamic=False)  # the layers share one compiled graph
+            model.train()
+            inputs = [x.requires_grad_()] + list(model.parameters())
+
+            def call(model=model, inputs=inputs):
+                with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                    out = model(x)
+                return torch.autograd.grad(out, inputs, grad_out)
+            if v == "compiled":
+                built.compile_s[v] = timing.once(call, cfg.device)
+            built.variants[v] = call
+            if v != "compiled":
+                def forward(model=model):
+                    with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                        return model(x)
+                built.saved[v] = (forward, list(model.parameters()) + shared)
+        return built
+
+    case = Case(name, "llama", title, {"depth": depth, "mode": "train", "dtype": dtype,
+                                       "dropout": p},
+                ("eager", "compiled") + others + floor, build)
+    return case
+
+
+# ---------------------------------------------------------------------------------------------
 # deep fully connected ReZero nets (the paper's 10,000-layer claim): host-bound
 
 FC_DEPTHS = (1000, 10000)
@@ -466,6 +652,8 @@ def all_cases() -> list:
     cases += [_make_stack_case(d, dt) for d in DEPTHS for dt in DTYPES]
     cases += [_make_stack_case(64, "fp32", STACK_NARROW, "-d64")]
     cases += [_make_fc_case(d, w) for d in FC_DEPTHS for w in FC_WIDTHS]
+    cases += [_make_llama_case(d, dt, p) for d in LLAMA_STACK for dt in LLAMA_DTYPES
+              for p in DROPOUTS]
     return headline_first(cases)
 
 
@@ -477,13 +665,17 @@ HEADLINE = (
     "fc/depth1000/width64/train/fp32",
 )
 # ``--quick``: the headline, the roofline of the residual forward, the host-bound cases of the
-# issue targets, and the 64-layer stacks.
+# issue targets, the 64-layer stacks, a Llama-style layer in fp32 with dropout and in bf16, and
+# the gated activation.
 QUICK = HEADLINE + (
     "op/rezero_residual/fwd/fp32/large/p0",
     "host/rezero_residual/fwd+bwd/fp32/8x8/p0",
     "host/rezero_residual/fwd+bwd/fp32/8x8/p0.1",
     "stack/encoder64-d64/train/fp32",
     "stack/encoder64/train/fp32",
+    "llama/layer/train/fp32/p0.1",
+    "llama/layer/train/amp-bf16/p0",
+    "op/gated_act_dropout/fwd+bwd/fp32/large/p0.1",
 )
 # ``--gpu``: what a GPU run measures (bench/results/gpu/), in about three minutes: bandwidth of
 # the elementwise ops as a share of a copy, the fused GEMM epilogue against matmul + eager
@@ -500,11 +692,14 @@ GPU = HEADLINE[:2] + (
     f"op/rezero_linear/fwd+bwd/bf16/large/p{p:g}" for p in DROPOUTS
 ) + ("stack/encoder64-d64/train/fp32", "fc/depth10000/width64/train/fp32") + tuple(
     f"host/{op}/fwd+bwd/fp32/8x8/p{p:g}" for op in HOST_OPS for p in DROPOUTS) + (
-    "host/rezero_residual/fwd/fp32/8x8/p0", "host/rezero_residual/fwd+bwd/fp32/64x256/p0")
+    "host/rezero_residual/fwd/fp32/8x8/p0", "host/rezero_residual/fwd+bwd/fp32/64x256/p0",
+    "llama/layer/train/amp-bf16/p0", "llama/layer/train/amp-bf16/p0.1",
+    "llama/stack12/train/amp-bf16/p0", "op/gated_act_dropout/fwd+bwd/bf16/large/p0.1",
+    "host/gated_act_dropout/fwd+bwd/fp32/8x8/p0")
 # torch.compile baselines of a --gpu run: the fused GEMM epilogue, the layer and the stacks
 # (elementwise ops are measured against the copy roofline instead; compiling the FC nets block by
 # block takes longer than the whole run may)
-GPU_COMPILE = r"^(op/rezero_linear|layer|stack)/"
+GPU_COMPILE = r"^(op/rezero_linear|layer|stack|llama)/"
 
 
 def headline_first(cases):

@@ -39,6 +39,8 @@ def _cases(p):
     return {  # name: (inputs, op)
         "rezero_residual": ((x, fx, a), lambda *t: F.rezero_residual(*t, p, True, "triton")),
         "bias_act_dropout": ((h, b), lambda *t: F.bias_act_dropout(*t, "gelu", p, True, "triton")),
+        "gated_act_dropout": ((leaf(8, 16),), lambda *t: F.gated_act_dropout(*t, "silu", p, True,
+                                                                             "triton")),
         "rezero_linear": ((x, inp, w, b, a), lambda *t: F.rezero_linear(*t, p, True, "triton")),
         "linear_bias_act_dropout": ((inp, w, b), lambda *t: F.linear_bias_act_dropout(
             *t, "gelu", p, True, "triton")),

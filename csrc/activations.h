@@ -2,7 +2,7 @@
 // to a compile-time one, and each one's formula and derivative, generic over the value type so
 // that the CUDA kernels (scalar float / double) and the CPU kernels (at::vec vectors) share it.
 // No torch headers: the CUDA launchers and kernels include it as well as op_checks.h.
-// A new activation is one line of REZERO_ACTIVATIONS and one branch of activate() (without it
+// A new activation is one line of REZERO_ACTIVATIONS and one branch of activation() (without it
 // the kernels do not compile).  python_ref/activations.py lists the same activations, in the
 // same order, with the same "kept for backward".
 #pragma once
@@ -102,37 +102,52 @@ struct ActOps<double> : ScalarActOps<double> {
 template <Act>
 inline constexpr bool kNoFormula = false;
 
-// act(z) (kGrad false) or act'(z) (kGrad true): the formulas of torch's gelu / gelu_backward.
-template <Act kAct, bool kGrad, class V>
-REZERO_HOST_DEVICE V activate(V z) {
+// act(z) into *value and act'(z) into *grad, each only where the pointer is not null (known at
+// compile time: the pointers are constants after inlining, so what is not wanted is not
+// computed), the two sharing their exp / erf / tanh: the formulas of torch's gelu /
+// gelu_backward, silu / silu_backward.
+template <Act kAct, bool kValue, bool kGrad, class V>
+REZERO_HOST_DEVICE void activation(V z, V* value, V* grad) {
   using O = ActOps<V>;
   const V half = O::constant(0.5), one = O::constant(1);
   if constexpr (kAct == Act::kIdentity) {
-    return kGrad ? one : z;
+    if constexpr (kValue) *value = z;
+    if constexpr (kGrad) *grad = one;
   } else if constexpr (kAct == Act::kRelu) {
-    return kGrad ? O::where_positive(z, one, O::constant(0)) : O::positive_part(z);
+    if constexpr (kValue) *value = O::positive_part(z);
+    if constexpr (kGrad) *grad = O::where_positive(z, one, O::constant(0));
   } else if constexpr (kAct == Act::kGelu) {
     // z Phi(z), Phi(z) = (1 + erf(z / sqrt 2)) / 2;  Phi(z) + z exp(-z^2 / 2) / sqrt(2 pi)
     const V inv_sqrt2 = O::constant(0.70710678118654752440);
     const V inv_sqrt_2pi = O::constant(0.39894228040143267794);
     const V cdf = half * (one + O::erf(z * inv_sqrt2));
-    return kGrad ? cdf + z * inv_sqrt_2pi * O::exp(O::constant(-0.5) * z * z) : z * cdf;
+    if constexpr (kValue) *value = z * cdf;
+    if constexpr (kGrad) *grad = cdf + z * inv_sqrt_2pi * O::exp(O::constant(-0.5) * z * z);
   } else if constexpr (kAct == Act::kGeluTanh) {
     // z (1 + t) / 2, t = tanh(k0 (z + k1 z^3)), k0 = sqrt(2 / pi);
     // (1 + t) / 2 + z (1 - t^2) k0 (1 + 3 k1 z^2) / 2, with 3 k1 rounded to V's scalar type as
     // torch's gelu_backward rounds it
     const V k0 = O::constant(0.79788456080286535588), k1 = O::constant(0.044715);
     const V t = O::tanh(k0 * (z + k1 * z * z * z));
-    return kGrad ? half * (one + t) +
-                       half * z * (one - t * t) * k0 * (one + O::constant(3) * k1 * z * z)
-                 : half * z * (one + t);
+    if constexpr (kValue) *value = half * z * (one + t);
+    if constexpr (kGrad)
+      *grad = half * (one + t) + half * z * (one - t * t) * k0 * (one + O::constant(3) * k1 * z * z);
   } else if constexpr (kAct == Act::kSilu) {
     // z s, s = 1 / (1 + exp(-z));  s (1 + z (1 - s))  (torch's silu / silu_backward)
     const V s = one / (one + O::exp(O::constant(0) - z));
-    return kGrad ? s * (one + z * (one - s)) : z * s;
+    if constexpr (kValue) *value = z * s;
+    if constexpr (kGrad) *grad = s * (one + z * (one - s));
   } else {
     static_assert(kNoFormula<kAct>, "an activation of REZERO_ACTIVATIONS has no formula");
   }
+}
+
+// act(z) (kGrad false) or act'(z) (kGrad true).
+template <Act kAct, bool kGrad, class V>
+REZERO_HOST_DEVICE V activate(V z) {
+  V out = z;
+  activation<kAct, !kGrad, kGrad>(z, &out, &out);
+  return out;
 }
 
 }  // namespace rezero

@@ -8,7 +8,10 @@
 //   bias_act_dropout  h, bias, seed                (relu, whose kept_for_backward is its output:
 //                                                   y and no bias, since y > 0 exactly where
 //                                                   relu passes gradient)
+//   gated_act_dropout gate_up, seed                (not act(g), the product or a mask)
 //   linear_residual   inp, weight, bias, alpha, seed  (not the GEMM output; linear_residual.cpp)
+//   gated_linear_residual  gate_up, weight, alpha, both seeds  (not the hidden: recomputed;
+//                     gated_linear.cpp)
 //   rezero_fc         x, weight, bias, alpha, seed and act(F) or the GEMM output (rezero_fc.cpp)
 // The *_backward ops are not differentiable: their Autograd kernels record a node that raises if
 // a second backward reaches it.  Inputs whose gradient nobody asked for are skipped
@@ -184,6 +187,43 @@ at::Tensor bias_act_autograd(const at::Tensor& h, const OptTensor& bias,
   return y;
 }
 
+// --- gated_act_dropout: y = dropout(act(g) * u), [g | u] = gate_up ----------------------
+
+struct GatedActBackward : Node {  // edges: gate_up
+  SavedVariable gate_up, seed;
+  std::string activation;
+  double p = 0.0;
+
+  variable_list apply(variable_list&& grads) override {
+    const auto& impl = ops::gated_act_dropout_backward();
+    if (!grads[0].defined() || !task_should_compute_output(0)) return variable_list(1);
+    return {impl.call(grads[0].contiguous(), gate_up.unpack(), activation, p, seed.unpack())};
+  }
+  std::string name() const override { return "rezero_kernels::GatedActDropoutBackward"; }
+  void release_variables() override {
+    gate_up.reset_data();
+    seed.reset_data();
+  }
+};
+
+at::Tensor gated_act_autograd(const at::Tensor& gate_up, c10::string_view activation, double p,
+                              const at::Tensor& seed) {
+  const auto& impl = ops::gated_act_dropout();
+  check_differentiable_here(gate_up);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    y = impl.call(gate_up, activation, p, seed);
+  }
+  if (auto node = record<GatedActBackward>(y, gate_up)) {
+    node->gate_up = SavedVariable(gate_up, false);
+    node->seed = SavedVariable(seed, false);
+    node->activation = std::string(activation);
+    node->p = p;
+  }
+  return y;
+}
+
 // --- linear_residual: y = x + alpha * dropout(inp @ weight^T + bias) ----------------------
 
 struct LinearBackward : Node {  // edges: x, inp, weight, bias, alpha
@@ -228,6 +268,60 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& inp, const at:
     node->bias = SavedVariable(bias, false);
     node->alpha = SavedVariable(alpha, false);
     node->seed = SavedVariable(seed, false);
+    node->p = p;
+  }
+  return y;
+}
+
+// --- gated_linear_residual: y = x + alpha * dropout(gated_act_dropout(gate_up) @ weight^T) --
+
+struct GatedLinearBackward : Node {  // edges: x, gate_up, weight, alpha
+  SavedVariable gate_up, weight, alpha, seed_mlp, seed;
+  std::string activation;
+  double p_mlp = 0.0, p = 0.0;
+
+  variable_list apply(variable_list&& grads) override {
+    const auto& impl = ops::gated_linear_residual_backward();
+    if (!grads[0].defined()) return variable_list(4);
+    const at::Tensor grad = grads[0].contiguous();
+    const Mask3 mask = {task_should_compute_output(1), task_should_compute_output(2),
+                        task_should_compute_output(3)};
+    at::Tensor ggu, gw, ga;
+    if (mask[0] || mask[1] || mask[2])
+      std::tie(ggu, gw, ga) = impl.call(grad, gate_up.unpack(), weight.unpack(), alpha.unpack(),
+                                        activation, p_mlp, seed_mlp.unpack(), p, seed.unpack(),
+                                        mask);
+    return {if_wanted(task_should_compute_output(0), grad), ggu, gw, ga};
+  }
+  std::string name() const override { return "rezero_kernels::GatedLinearResidualBackward"; }
+  void release_variables() override {
+    gate_up.reset_data();
+    weight.reset_data();
+    alpha.reset_data();
+    seed_mlp.reset_data();
+    seed.reset_data();
+  }
+};
+
+at::Tensor gated_linear_autograd(const at::Tensor& x, const at::Tensor& gate_up,
+                                 const at::Tensor& weight, const at::Tensor& alpha,
+                                 c10::string_view activation, double p_mlp,
+                                 const at::Tensor& seed_mlp, double p, const at::Tensor& seed) {
+  const auto& impl = ops::gated_linear_residual();
+  check_differentiable_here(x, gate_up, weight, alpha);
+  at::Tensor y;
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    y = impl.call(x, gate_up, weight, alpha, activation, p_mlp, seed_mlp, p, seed);
+  }
+  if (auto node = record<GatedLinearBackward>(y, x, gate_up, weight, alpha)) {
+    node->gate_up = SavedVariable(gate_up, false);
+    node->weight = SavedVariable(weight, false);
+    node->alpha = SavedVariable(alpha, false);
+    node->seed_mlp = SavedVariable(seed_mlp, false);
+    node->seed = SavedVariable(seed, false);
+    node->activation = std::string(activation);
+    node->p_mlp = p_mlp;
     node->p = p;
   }
   return y;
@@ -327,13 +421,20 @@ auto below_autograd(const c10::TypedOperatorHandle<Signature>& impl, const Args&
     out = impl.call(args...);
   }
   if (!at::GradMode::is_enabled()) return out;
+  // the outputs as a tuple of references (one tensor, or each element of a tuple of them)
+  auto outputs = [&] {
+    if constexpr (std::is_same_v<decltype(out), at::Tensor>)
+      return std::tie(out);
+    else
+      return std::apply([](auto&... t) { return std::tie(t...); }, out);
+  }();
   const variable_list inputs = defined_tensors(args...);
   const variable_list results =
-      std::apply([](const auto&... t) { return defined_tensors(t...); }, out);
+      std::apply([](const auto&... t) { return defined_tensors(t...); }, outputs);
   const variable_list linked =
       NoDoubleBackward::apply(at::TensorList(inputs), at::TensorList(results));
   size_t i = 0;
-  std::apply([&](auto&... t) { ((t = t.defined() ? linked[i++] : t), ...); }, out);
+  std::apply([&](auto&... t) { ((t = t.defined() ? linked[i++] : t), ...); }, outputs);
   return out;
 }
 
@@ -348,6 +449,21 @@ TensorPair bias_act_backward_autograd(const at::Tensor& grad, const at::Tensor& 
                                       double p, const at::Tensor& seed, Mask2 mask) {
   return below_autograd(ops::bias_act_dropout_backward(), grad, h, bias, activation, p, seed,
                         mask);
+}
+
+at::Tensor gated_act_backward_autograd(const at::Tensor& grad, const at::Tensor& gate_up,
+                                      c10::string_view activation, double p,
+                                      const at::Tensor& seed) {
+  return below_autograd(ops::gated_act_dropout_backward(), grad, gate_up, activation, p, seed);
+}
+
+TensorTriple gated_linear_backward_autograd(const at::Tensor& grad, const at::Tensor& gate_up,
+                                           const at::Tensor& weight, const at::Tensor& alpha,
+                                           c10::string_view activation, double p_mlp,
+                                           const at::Tensor& seed_mlp, double p,
+                                           const at::Tensor& seed, Mask3 mask) {
+  return below_autograd(ops::gated_linear_residual_backward(), grad, gate_up, weight, alpha,
+                        activation, p_mlp, seed_mlp, p, seed, mask);
 }
 
 TensorQuad linear_backward_autograd(const at::Tensor& grad, const at::Tensor& inp,
@@ -374,6 +490,10 @@ TORCH_LIBRARY_IMPL(rezero_kernels, Autograd, m) {
   m.impl("residual_backward", &residual_backward_autograd);
   m.impl("bias_act_dropout", &bias_act_autograd);
   m.impl("bias_act_dropout_backward", &bias_act_backward_autograd);
+  m.impl("gated_act_dropout", &gated_act_autograd);
+  m.impl("gated_act_dropout_backward", &gated_act_backward_autograd);
+  m.impl("gated_linear_residual", &gated_linear_autograd);
+  m.impl("gated_linear_residual_backward", &gated_linear_backward_autograd);
   m.impl("linear_residual", &linear_autograd);
   m.impl("linear_residual_backward", &linear_backward_autograd);
   m.impl("rezero_fc", &rezero_fc_autograd);

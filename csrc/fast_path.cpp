@@ -79,7 +79,9 @@ py::object residual(py::handle x_, py::handle fx_, py::handle alpha_, py::handle
                     py::handle training) {
   const at::Tensor *x = tensor(x_), *fx = tensor(fx_);
   const double p = probability(p_, training);
-  if (!x || !fx || p < 0 || !is_data(*x) || !is_like(*x, *fx) || !on_supported_device(*x))
+  // (0-dim x: the Python path, where a (1,) gate broadcasts the result to (1,), as in eager)
+  if (!x || !fx || p < 0 || !is_data(*x) || x->dim() == 0 || !is_like(*x, *fx) ||
+      !on_supported_device(*x))
     return py::none();
   const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
   if (!alpha.defined()) return py::none();
@@ -111,6 +113,17 @@ py::object bias_act_dropout(py::handle h_, py::handle bias_, py::handle activati
   const at::Tensor bias = vector_for(tensor(bias_), *h, /*allow_scalar=*/false);
   if (!bias.defined()) return py::none();
   return wrap(call_bias_act(*h, bias, act, p));
+}
+
+py::object gated_act_dropout(py::handle gate_up_, py::handle activation, py::handle p_,
+                             py::handle training) {
+  const at::Tensor* gate_up = tensor(gate_up_);
+  const double p = probability(p_, training);
+  std::string act;
+  if (!gate_up || p < 0 || !activation_of(activation, &act) || !is_data(*gate_up) ||
+      gate_up->dim() == 0 || gate_up->size(-1) % 2 != 0 || !on_supported_device(*gate_up))
+    return py::none();
+  return wrap(ops::gated_act_dropout().call(*gate_up, act, p, new_seed(p, *gate_up)));
 }
 
 // bias=None of rezero_linear's GEMM: zeros of the weight's dtype (as the general path adds);
@@ -157,6 +170,29 @@ py::object rezero_linear(py::handle x_, py::handle inp_, py::handle weight_, py:
   return wrap(ops::linear_residual().call(*x, *inp, *weight, *bias, alpha, p, new_seed(p, *x)));
 }
 
+py::object rezero_gated_linear(py::handle x_, py::handle gate_up_, py::handle weight_,
+                               py::handle alpha_, py::handle activation, py::handle p_mlp_,
+                               py::handle p_, py::handle training) {
+  const at::Tensor *x = tensor(x_), *gate_up = tensor(gate_up_), *weight = tensor(weight_);
+  const double p_mlp = probability(p_mlp_, training), p = probability(p_, training);
+  std::string act;
+  if (!x || !gate_up || !weight || p < 0 || p_mlp < 0 || !activation_of(activation, &act) ||
+      !is_data(*x) || !is_data(*gate_up) || !on_supported_device(*x) || x->dim() == 0 ||
+      gate_up->scalar_type() != x->scalar_type() || weight->scalar_type() != x->scalar_type() ||
+      gate_up->device() != x->device() || weight->device() != x->device() ||
+      weight->dim() != 2 || gate_up->dim() != x->dim() ||
+      gate_up->size(-1) != 2 * weight->size(1) || x->size(-1) != weight->size(0) ||
+      !x->sizes().slice(0, x->dim() - 1).equals(gate_up->sizes().slice(0, x->dim() - 1)) ||
+      at::autocast::is_autocast_enabled(x->device().type()))
+    return py::none();
+  const at::Tensor alpha = vector_for(tensor(alpha_), *x, /*allow_scalar=*/true);
+  if (!alpha.defined()) return py::none();
+  const at::Tensor seed_mlp = new_seed(p_mlp, *x);  // drawn first, as the general path does
+  const at::Tensor seed = new_seed(p, *x);
+  return wrap(ops::gated_linear_residual().call(*x, *gate_up, *weight, alpha, act, p_mlp,
+                                                seed_mlp, p, seed));
+}
+
 py::object linear_bias_act_dropout(py::handle inp_, py::handle weight_, py::handle bias_,
                                    py::handle activation, py::handle p_, py::handle training) {
   const at::Tensor *inp = tensor(inp_), *weight = tensor(weight_);
@@ -194,7 +230,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "rezero_kernels' compiled ops (registered on import) and their eager entry points";
   m.def("residual", &residual);
   m.def("bias_act_dropout", &bias_act_dropout);
+  m.def("gated_act_dropout", &gated_act_dropout);
   m.def("rezero_linear", &rezero_linear);
+  m.def("rezero_gated_linear", &rezero_gated_linear);
   m.def("linear_bias_act_dropout", &linear_bias_act_dropout);
   m.def("rezero_fc", &rezero_fc);
   m.def("new_seed", [](double p, const at::Tensor& like) { return wrap(new_seed(p, like)); },

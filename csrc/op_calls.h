@@ -17,8 +17,10 @@ namespace rezero {
 
 using OptTensor = std::optional<at::Tensor>;
 using TensorPair = std::tuple<at::Tensor, at::Tensor>;
+using TensorTriple = std::tuple<at::Tensor, at::Tensor, at::Tensor>;
 using TensorQuad = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 using Mask2 = std::array<bool, 2>;
+using Mask3 = std::array<bool, 3>;
 using Mask4 = std::array<bool, 4>;
 
 // Each op's C++ signature (its schema in ops.cpp) and handle, looked up once.
@@ -37,6 +39,14 @@ REZERO_OP(bias_act_dropout, "rezero_kernels::bias_act_dropout",
           at::Tensor(In, const OptTensor&, c10::string_view, double, In))
 REZERO_OP(bias_act_dropout_backward, "rezero_kernels::bias_act_dropout_backward",
           TensorPair(In, In, const OptTensor&, c10::string_view, double, In, Mask2))
+REZERO_OP(gated_act_dropout, "rezero_kernels::gated_act_dropout",
+          at::Tensor(In, c10::string_view, double, In))
+REZERO_OP(gated_act_dropout_backward, "rezero_kernels::gated_act_dropout_backward",
+          at::Tensor(In, In, c10::string_view, double, In))
+REZERO_OP(gated_linear_residual, "rezero_kernels::gated_linear_residual",
+          at::Tensor(In, In, In, In, c10::string_view, double, In, double, In))
+REZERO_OP(gated_linear_residual_backward, "rezero_kernels::gated_linear_residual_backward",
+          TensorTriple(In, In, In, In, c10::string_view, double, In, double, In, Mask3))
 REZERO_OP(linear_residual, "rezero_kernels::linear_residual",
           at::Tensor(In, In, In, In, In, double, In))
 REZERO_OP(linear_residual_backward, "rezero_kernels::linear_residual_backward",

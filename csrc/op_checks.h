@@ -110,6 +110,25 @@ inline void check_bias_act_args(const at::Tensor& h, const at::Tensor* bias,
   }
 }
 
+// gated_act_dropout(gate_up) and, with grad, its backward: gate_up's last dimension is even, and
+// grad has gate_up's shape with half its last dimension.
+inline void check_gated_args(const at::Tensor& gate_up, const at::Tensor* grad,
+                             c10::DeviceType device) {
+  check_data(gate_up, "gate_up", device);
+  TORCH_CHECK(gate_up.dim() >= 1 && gate_up.size(-1) % 2 == 0,
+              "gate_up must have an even last dimension ([gate | up]), got ", gate_up.sizes());
+  if (grad != nullptr) {
+    check_data(*grad, "grad", device);
+    auto want = gate_up.sizes().vec();
+    want.back() /= 2;
+    TORCH_CHECK(grad->sizes().equals(want) && grad->scalar_type() == gate_up.scalar_type() &&
+                    grad->device() == gate_up.device(),
+                "grad must have shape ", at::IntArrayRef(want), ", dtype ",
+                gate_up.scalar_type(), " and device ", gate_up.device(), ", got ",
+                grad->sizes(), " ", grad->scalar_type(), " ", grad->device());
+  }
+}
+
 inline Act parse_activation(c10::string_view name) {
   Act act = Act::kIdentity;
   TORCH_CHECK_VALUE(lookup_activation(std::string_view(name.data(), name.size()), &act),

@@ -1,6 +1,6 @@
 // The op schemas: declared once here; each device registers its kernels for them
-// (csrc/cpu/*.cpp for CPU, csrc/cuda/binding.cpp for CUDA, linear_residual.cpp and
-// rezero_fc.cpp for both);
+// (csrc/cpu/*.cpp for CPU, csrc/cuda/binding.cpp for CUDA, linear_residual.cpp,
+// gated_linear.cpp and rezero_fc.cpp for both);
 // autograd.cpp registers their autograd, rezero_kernels/compiled_ops.py their fake (meta)
 // kernels, and fast_path.cpp is the Python module rezero_kernels._C (the eager entry points).
 //
@@ -29,6 +29,19 @@ TORCH_LIBRARY(rezero_kernels, m) {
   // grad_bias: the column sums of grad_h (also without a bias: what a bias would receive).
   m.def("bias_act_dropout_backward(Tensor grad, Tensor h, Tensor? bias, str activation, float p,"
         " Tensor seed, bool[2] output_mask) -> (Tensor grad_h, Tensor grad_bias)");
+  // gate_up holds [g | u] on its last dimension (2 H); y = dropout(act(g) * u) has H there, and
+  // dropout element i is the i-th element of y.  Backward keeps gate_up alone and returns the
+  // gradient of all of it: [grad * m * u * act'(g) | grad * m * act(g)].
+  m.def("gated_act_dropout(Tensor gate_up, str activation, float p, Tensor seed) -> Tensor");
+  m.def("gated_act_dropout_backward(Tensor grad, Tensor gate_up, str activation, float p,"
+        " Tensor seed) -> Tensor");
+  // y = x + alpha * dropout(gated_act_dropout(gate_up) @ weight^T) (gated_linear.cpp): a gated
+  // MLP's tail; backward recomputes the hidden from gate_up.  seed_mlp is the hidden's dropout.
+  m.def("gated_linear_residual(Tensor x, Tensor gate_up, Tensor weight, Tensor alpha,"
+        " str activation, float p_mlp, Tensor seed_mlp, float p, Tensor seed) -> Tensor");
+  m.def("gated_linear_residual_backward(Tensor grad, Tensor gate_up, Tensor weight,"
+        " Tensor alpha, str activation, float p_mlp, Tensor seed_mlp, float p, Tensor seed,"
+        " bool[3] output_mask) -> (Tensor grad_gate_up, Tensor grad_weight, Tensor grad_alpha)");
   m.def("linear_residual(Tensor x, Tensor inp, Tensor weight, Tensor bias, Tensor alpha, float p,"
         " Tensor seed) -> Tensor");
   // y and what backward keeps (rezero_fc.cpp): act(F) where act' is a function of it (identity,

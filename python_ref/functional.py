@@ -51,6 +51,21 @@ def linear_bias_act_dropout(inp, weight, bias, activation_name="gelu", dropout_p
     return bias_act_dropout(F.linear(inp, weight), bias, activation_name, dropout_p, training, mask)
 
 
+def gated_act_dropout(gate_up, activation_name="silu", dropout_p=0.0, training=True, mask=None):
+    """``dropout(act(g) * u)`` with ``g, u = gate_up.chunk(2, dim=-1)``: a gated MLP's hidden
+    (SwiGLU for silu, GeGLU for gelu), ``gate_up`` being one GEMM's output ``[g | u]``."""
+    g, u = gate_up.chunk(2, dim=-1)
+    return dropout(activation(g, activation_name) * u, dropout_p, training, mask)
+
+
+def rezero_gated_linear(x, gate_up, weight, alpha, activation_name="silu", mlp_dropout_p=0.0,
+                        dropout_p=0.0, training=True, mlp_mask=None, mask=None):
+    """``x + alpha * dropout(dropout_mlp(act(g) * u) @ weight.T)``: a gated MLP's tail (no bias);
+    ``mlp_mask`` is the hidden's dropout mask, ``mask`` the residual branch's."""
+    h = gated_act_dropout(gate_up, activation_name, mlp_dropout_p, training, mlp_mask)
+    return rezero_linear(x, h, weight, None, alpha, dropout_p, training, mask)
+
+
 def rezero_fc(x, weight, bias, alpha, activation_name="relu", dropout_p=0.0, training=True,
               mask=None):
     """``x + alpha * dropout(act(x @ weight.T + bias))``: a ReZero fully connected block."""

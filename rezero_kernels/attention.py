@@ -1,5 +1,5 @@
 """Multi-head attention on ``nn.MultiheadAttention``'s parameters through
-``scaled_dot_product_attention`` (see ``_scaled_dot_product`` for CPU training), with the output projection and the ReZero residual fused
+``scaled_dot_product_attention`` (see ``scaled_dot_product`` for CPU training), with the output projection and the ReZero residual fused
 into one ``rezero_linear``.  Mask semantics are ``nn.MultiheadAttention``'s: a bool mask is True
 where attention is NOT allowed, a float mask is added to the scores; ``attn_mask`` is (L, S) or
 (N * num_heads, L, S), ``key_padding_mask`` is (N, S)."""
@@ -41,15 +41,19 @@ def merged_mask(attn_mask, key_padding_mask, batch, heads, q_len, k_len, dtype):
     return merged
 
 
-def _scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
+def scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
     """SDPA, except for CPU training with dropout in float32/64 on the compiled backend: there
     torch's SDPA falls back to its math path, whose bernoulli mask costs ~8 ns an element on one
-    thread; the same math with the fused in-kernel dropout replaces it."""
+    thread; the same math with the fused in-kernel dropout replaces it.  Fewer key/value heads
+    than query heads is grouped-query attention (each serves a group of query heads)."""
     fused_dropout = (dropout_p > 0 and q.dtype in (torch.float32, torch.float64)
                      and dispatch.uses_fused_cpu_dropout(backend, q.device))
+    groups = q.shape[-3] // k.shape[-3]
     if not fused_dropout:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                              dropout_p=dropout_p)
+                                              dropout_p=dropout_p, enable_gqa=groups != 1)
+    if groups != 1:
+        k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
     scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
     if causal:
         mask = _additive(causal_mask(q.shape[-2], k.shape[-2], q.device), q.dtype, "causal mask")
@@ -89,7 +93,7 @@ def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, train
         attn_mask = causal_mask(q_len, k_len, x.device)
     mask = None if causal else merged_mask(attn_mask, key_padding_mask, batch, heads, q_len,
                                            k_len, q.dtype)
-    out = _scaled_dot_product(q, k, v, mask, causal, attn.dropout if training else 0.0, backend)
+    out = scaled_dot_product(q, k, v, mask, causal, attn.dropout if training else 0.0, backend)
     out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
     out = out.flatten(-2)
     return functional.rezero_linear(x, out, attn.out_proj.weight, attn.out_proj.bias, alpha,

@@ -10,6 +10,14 @@ def bias_act_dropout(h, bias, activation, dropout_p):
     return ref.bias_act_dropout(h, bias, activation, dropout_p)
 
 
+def gated_act_dropout(gate_up, activation, dropout_p):
+    return ref.gated_act_dropout(gate_up, activation, dropout_p)
+
+
+def rezero_gated_linear(x, gate_up, weight, alpha, activation, mlp_dropout_p, dropout_p):
+    return ref.rezero_gated_linear(x, gate_up, weight, alpha, activation, mlp_dropout_p, dropout_p)
+
+
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
     return ref.rezero_linear(x, inp, weight, bias, alpha, dropout_p)
 

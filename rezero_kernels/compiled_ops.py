@@ -76,6 +76,23 @@ def linear_bias_act_dropout(inp, weight, bias, activation, dropout_p):
     return bias_act_dropout(torch.matmul(inp, weight.t()), bias, activation, dropout_p)
 
 
+# --- gated_act_dropout ----------------------------------------------------------------------
+
+@torch.library.register_fake("rezero_kernels::gated_act_dropout")
+def _(gate_up, activation, p, seed):
+    return gate_up.new_empty(gate_up.shape[:-1] + (gate_up.shape[-1] // 2,))
+
+
+@torch.library.register_fake("rezero_kernels::gated_act_dropout_backward")
+def _(grad, gate_up, activation, p, seed):
+    return torch.empty_like(gate_up)
+
+
+def gated_act_dropout(gate_up, activation, dropout_p):
+    return ops.gated_act_dropout(gate_up.contiguous(), activation, dropout_p,
+                                 new_seed(dropout_p, gate_up.device))
+
+
 # --- rezero_linear: rezero_kernels::linear_residual -----------------------------------------
 
 @torch.library.register_fake("rezero_kernels::linear_residual")
@@ -92,6 +109,26 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p):
     alpha = alpha.to(math_dtype(x.dtype)).contiguous()
     return ops.linear_residual(x.contiguous(), inp.contiguous(), weight.contiguous(),
                                bias.contiguous(), alpha, dropout_p, new_seed(dropout_p, x.device))
+
+
+# --- rezero_gated_linear: rezero_kernels::gated_linear_residual --------------------------------
+
+@torch.library.register_fake("rezero_kernels::gated_linear_residual")
+def _(x, gate_up, weight, alpha, activation, p_mlp, seed_mlp, p, seed):
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("rezero_kernels::gated_linear_residual_backward")
+def _(grad, gate_up, weight, alpha, activation, p_mlp, seed_mlp, p, seed, output_mask):
+    return _wanted((gate_up, weight, alpha), output_mask)
+
+
+def rezero_gated_linear(x, gate_up, weight, alpha, activation, mlp_dropout_p, dropout_p):
+    alpha = alpha.to(math_dtype(x.dtype)).contiguous()
+    seed_mlp = new_seed(mlp_dropout_p, x.device)  # the hidden's first, as the entry point draws
+    return ops.gated_linear_residual(x.contiguous(), gate_up.contiguous(), weight, alpha,
+                                     activation, mlp_dropout_p, seed_mlp, dropout_p,
+                                     new_seed(dropout_p, x.device))
 
 
 # --- rezero_fc ------------------------------------------------------------------------------

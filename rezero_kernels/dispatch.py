@@ -6,6 +6,8 @@ training, alpha a 1-element or last-dim-sized tensor, bias a tensor):
 
     rezero_residual(x, fx, alpha, dropout_p)
     bias_act_dropout(h, bias, activation, dropout_p)
+    gated_act_dropout(gate_up, activation, dropout_p)
+    rezero_gated_linear(x, gate_up, weight, alpha, activation, mlp_dropout_p, dropout_p)
     rezero_linear(x, inp, weight, bias, alpha, dropout_p)
     linear_bias_act_dropout(inp, weight, bias, activation, dropout_p)
     rezero_fc(x, weight, bias, alpha, activation, dropout_p)
@@ -210,7 +212,7 @@ def readme_table() -> str:
 
 def uses_fused_cpu_dropout(requested: str, device: torch.device) -> bool:
     """Whether attention-probability dropout on ``device`` runs through the compiled CPU kernel
-    (``attention._scaled_dot_product``) for a call with ``backend=requested``."""
+    (``attention.scaled_dot_product``) for a call with ``backend=requested``."""
     return device.type == "cpu" and select(requested, device) == "cpu"
 
 

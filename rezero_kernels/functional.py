@@ -1,6 +1,6 @@
 """The fused ReZero ops.  Each checks its inputs, picks a backend (``dispatch``) and runs it.
 
-All three differentiate with respect to every tensor argument.  ``alpha`` is the ReZero gate:
+All of them differentiate with respect to every tensor argument.  ``alpha`` is the ReZero gate:
 a 1-element tensor (the paper's scalar) or a vector of the last dimension's size (a per-channel
 gate, as LayerScale uses).  Inputs of different floating dtypes are promoted as eager PyTorch
 would; the result has the promoted dtype.  Dropout uses the backend's own counter-based
@@ -41,12 +41,17 @@ def _bias(bias, channels: int, like: torch.Tensor) -> torch.Tensor:
 
 def rezero_residual(x, fx, alpha, dropout_p=0.0, training=True, backend="auto"):
     """``x + alpha * dropout(fx)``: the ReZero residual update of one sublayer."""
+    if training and dropout_p and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
     fast = dispatch.fast_path(backend, x)
     if fast is not None:
         out = fast.residual(x, fx, alpha, dropout_p, training)
         if out is not None:
             return out
     x, fx = check.tensor("x", x), check.tensor("fx", fx)
+    if x.dim() == 0 and fx.dim() == 0:  # as (1,); eager's broadcast keeps (1,) for a (1,) gate
+        out = rezero_residual(x.reshape(1), fx.reshape(1), alpha, dropout_p, training, backend)
+        return out if isinstance(alpha, torch.Tensor) and alpha.dim() == 1 else out.reshape(())
     alpha = _gate(alpha, x)
     check.same_shape("x", x, "fx", fx)
     check.channel_vector("alpha", alpha, check.last_dim("x", x), allow_scalar=True)
@@ -62,6 +67,8 @@ def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, b
 
     ``activation`` is a name of ``python_ref.ACTIVATIONS`` (python_ref/activations.py).
     """
+    if training and dropout_p and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
     fast = dispatch.fast_path(backend, h)
     if fast is not None:
         out = fast.bias_act_dropout(h, bias, activation, dropout_p, training)
@@ -76,6 +83,29 @@ def bias_act_dropout(h, bias, activation="gelu", dropout_p=0.0, training=True, b
     p = check.dropout_p(dropout_p, training)
     impl = dispatch.implementation(dispatch.select(backend, device))
     return impl.bias_act_dropout(h, bias, activation, p)
+
+
+def gated_act_dropout(gate_up, activation="silu", dropout_p=0.0, training=True, backend="auto"):
+    """``dropout(act(g) * u)`` with ``[g | u]`` the halves of ``gate_up``'s last dimension: a
+    gated MLP's hidden (SwiGLU for silu, GeGLU for gelu) after the one GEMM that computes gate
+    and up together.  The result has half of ``gate_up``'s last dimension.  Kept for backward:
+    ``gate_up`` and the dropout seed (never the product or a mask).
+
+    ``activation`` is a name of ``python_ref.ACTIVATIONS`` (python_ref/activations.py).
+    """
+    if training and dropout_p and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
+    fast = dispatch.fast_path(backend, gate_up)
+    if fast is not None:
+        out = fast.gated_act_dropout(gate_up, activation, dropout_p, training)
+        if out is not None:
+            return out
+    gate_up = check.tensor("gate_up", gate_up)
+    check.gate_up_halves("gate_up", gate_up)
+    activation = check.activation(activation)
+    p = check.dropout_p(dropout_p, training)
+    impl = dispatch.implementation(dispatch.select(backend, gate_up.device))
+    return impl.gated_act_dropout(gate_up, activation, p)
 
 
 def _gemm_checked(inp, weight, bias):
@@ -100,6 +130,8 @@ def _gemm_operands(device: torch.device, *tensors: torch.Tensor):
 def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, backend="auto"):
     """``x + alpha * dropout(inp @ weight.T + bias)``: a sublayer's output projection and its
     ReZero residual update in one op (``bias`` may be None)."""
+    if training and dropout_p and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
     fast = dispatch.fast_path(backend, x)
     if fast is not None:
         out = fast.rezero_linear(x, inp, weight, bias, alpha, dropout_p, training)
@@ -121,11 +153,54 @@ def rezero_linear(x, inp, weight, bias, alpha, dropout_p=0.0, training=True, bac
     return impl.rezero_linear(x, inp, weight, bias, alpha, p)
 
 
+def rezero_gated_linear(x, gate_up, weight, alpha, activation="silu", mlp_dropout_p=0.0,
+                        dropout_p=0.0, training=True, backend="auto"):
+    """``x + alpha * dropout(h @ weight.T)`` with ``h = gated_act_dropout(gate_up, activation,
+    mlp_dropout_p)``: a gated MLP's down projection and its ReZero residual update (no bias).
+
+    The same as ``rezero_linear(x, gated_act_dropout(gate_up, ...), weight, None, alpha, ...)``,
+    but the compiled backends keep only ``gate_up`` (which the gated activation keeps anyway),
+    ``weight``, ``alpha`` and two seeds, and recompute ``h`` in backward: a hidden-sized tensor
+    less per layer, for one more elementwise pass.  (The triton backend composes the two ops and
+    keeps ``h``.)
+    """
+    if training and (dropout_p or mlp_dropout_p) and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
+    fast = dispatch.fast_path(backend, x)
+    if fast is not None:
+        out = fast.rezero_gated_linear(x, gate_up, weight, alpha, activation, mlp_dropout_p,
+                                       dropout_p, training)
+        if out is not None:
+            return out
+    x, gate_up = check.tensor("x", x), check.tensor("gate_up", gate_up)
+    check.tensor("weight", weight)
+    hidden = check.gate_up_halves("gate_up", gate_up)
+    if weight.dim() != 2 or weight.shape[1] != hidden:
+        raise ValueError(f"weight must be (out_features, {hidden}) for gate_up of last dimension "
+                         f"{2 * hidden}, got {tuple(weight.shape)}")
+    out_features = weight.shape[0]
+    if x.shape != gate_up.shape[:-1] + (out_features,):
+        raise ValueError(f"x must have shape {tuple(gate_up.shape[:-1]) + (out_features,)} "
+                         f"(gate_up's leading dims, weight's out_features), got {tuple(x.shape)}")
+    alpha = _gate(alpha, x)
+    check.channel_vector("alpha", alpha, out_features, allow_scalar=True)
+    device = check.same_device(x=x, gate_up=gate_up, weight=weight, alpha=alpha)
+    activation = check.activation(activation)
+    p_mlp = check.dropout_p(mlp_dropout_p, training)
+    p = check.dropout_p(dropout_p, training)
+    gate_up, weight = _gemm_operands(device, gate_up, weight)
+    x = check.as_dtype(x, torch.promote_types(x.dtype, gate_up.dtype))
+    impl = dispatch.implementation(dispatch.select(backend, device))
+    return impl.rezero_gated_linear(x, gate_up, weight, alpha, activation, p_mlp, p)
+
+
 def linear_bias_act_dropout(inp, weight, bias, activation="gelu", dropout_p=0.0, training=True,
                             backend="auto"):
     """``dropout(act(inp @ weight.T + bias))``: a feed-forward block's first GEMM and its
     epilogue (the Triton backend fuses the epilogue into the GEMM; others run a GEMM, then the
     fused ``bias_act_dropout``)."""
+    if training and dropout_p and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
     fast = dispatch.fast_path(backend, inp)
     if fast is not None:
         out = fast.linear_bias_act_dropout(inp, weight, bias, activation, dropout_p, training)
@@ -144,6 +219,8 @@ def rezero_fc(x, weight, bias, alpha, activation="relu", dropout_p=0.0, training
               backend="auto"):
     """``x + alpha * dropout(act(x @ weight.T + bias))``: a whole ReZero fully connected block
     (``weight`` is square) in one op, which saves a deep narrow net most of its host time."""
+    if training and dropout_p and torch._C._are_functorch_transforms_active():
+        check.dropout_under_vmap(backend)
     fast = dispatch.fast_path(backend, x)
     if fast is not None:
         out = fast.rezero_fc(x, weight, bias, alpha, activation, dropout_p, training)

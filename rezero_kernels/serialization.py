@@ -14,11 +14,14 @@ import python_ref
 
 from .blocks import ReZeroBasicBlock, ReZeroFCBlock, ReZeroResNet
 from .gate import ReZero
+from .llama import RZLlamaLayer
 from .transformer import RZTXDecoderLayer, RZTXEncoderLayer
 
 SAFE_GLOBALS = [
     # ours
     RZTXEncoderLayer, RZTXDecoderLayer, python_ref.RZTXEncoderLayer, python_ref.RZTXDecoderLayer,
+    RZLlamaLayer, python_ref.RZLlamaLayer, python_ref.llama.LlamaAttention,
+    python_ref.llama.GatedMLP,
     ReZero, ReZeroFCBlock, ReZeroBasicBlock, ReZeroResNet,
     # what they hold
     nn.MultiheadAttention, NonDynamicallyQuantizableLinear, nn.Linear, nn.Conv2d, nn.BatchNorm2d,

@@ -38,6 +38,31 @@ def dropout_p(p, training: bool) -> float:
     return float(p) if training else 0.0
 
 
+def dropout_under_vmap(backend: str) -> None:
+    """Dropout inside ``torch.func`` transforms.  The fused ops draw one seed per call, so under
+    ``vmap`` every batch element gets the same mask: right for ``randomness="same"``; for
+    ``"error"`` (vmap's default) raise as eager dropout does, and for ``"different"`` raise
+    rather than hand out one mask as independent ones.  ``backend="torch"`` (eager dropout)
+    supports all three."""
+    if backend == "torch" or torch.compiler.is_compiling():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+    for interpreter in retrieve_all_functorch_interpreters():
+        if interpreter.key() != TransformType.Vmap:
+            continue
+        randomness = interpreter.randomness()
+        if randomness == "error":
+            raise RuntimeError("vmap: called random operation while in randomness error mode "
+                               "(rezero_kernels' dropout): pass randomness='same' to vmap, "
+                               "keep the dropout out of vmap, or use backend='torch'")
+        if randomness == "different":
+            raise NotImplementedError("rezero_kernels: dropout under torch.func.vmap("
+                                      "randomness='different') is not implemented for the fused "
+                                      "ops (they would give every batch element one mask); use "
+                                      "randomness='same', or backend='torch'")
+
+
 def channel_vector(name: str, v: torch.Tensor, channels: int, allow_scalar: bool) -> None:
     """``v`` is a gate (1 element, or ``channels``) or a bias (``channels``)."""
     ok = v.dim() == 1 and (v.shape[0] == channels or (allow_scalar and v.shape[0] == 1))
@@ -54,6 +79,15 @@ def last_dim(name: str, t: torch.Tensor) -> int:
     if t.dim() == 0:
         raise ValueError(f"{name} must have at least one dimension, got a 0-dim tensor")
     return t.shape[-1]
+
+
+def gate_up_halves(name: str, t: torch.Tensor) -> int:
+    """``t`` holds ``[g | u]`` on its last dimension; returns the width of each half."""
+    width = last_dim(name, t)
+    if width % 2 != 0:
+        raise ValueError(f"{name}'s last dimension must be even ([gate | up] halves of one "
+                         f"width), got {width}")
+    return width // 2
 
 
 def gemm_operands(inp, weight) -> int:

@@ -62,6 +62,7 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import make_backend  # noqa: E402
 from triton.runtime.jit import create_function_from_signature  # noqa: E402
 
+from python_ref import ACTIVATIONS  # noqa: E402
 from rezero_kernels.triton_ops import common, tuning  # noqa: E402
 
 # The targets, with the shared memory per block (opt-in) of the GPU the early prune assumes.
@@ -74,7 +75,7 @@ SHAPES = {"odd": dict(rows=33, features=17, hidden=47),
           "aligned": dict(rows=64, features=128, hidden=256)}
 OPTIONS = dict(
     dtype=(torch.float32, torch.bfloat16, torch.float16, torch.float64),
-    activation=("identity", "relu", "gelu", "gelu_tanh"),
+    activation=ACTIVATIONS,  # every row of python_ref's table
     per_channel=(False, True),
     residual="same or float32",  # float32 x and gate with 16-bit operands: autocast
     shape=tuple(SHAPES),

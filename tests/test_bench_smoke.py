@@ -99,7 +99,8 @@ def test_triton_host_reports_every_op_and_its_launches():
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     rows = [line.split() for line in res.stdout.splitlines()[1:]]
     launches = {(op, mode): int(n) for op, p, mode, us, n in rows}
-    assert len(rows) == 16 and all(float(r[3]) > 0 for r in rows)
+    assert len(rows) == 20 and all(float(r[3]) > 0 for r in rows)
     assert launches == {**{(op, "fwd"): 1 for op, _ in launches},
                         ("rezero_residual", "fwd+bwd"): 2, ("bias_act_dropout", "fwd+bwd"): 2,
+                        ("gated_act_dropout", "fwd+bwd"): 2,
                         ("rezero_linear", "fwd+bwd"): 3, ("linear_bias_act_dropout", "fwd+bwd"): 2}

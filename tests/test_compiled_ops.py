@@ -42,6 +42,13 @@ def test_gradcheck_rezero_linear(p, channels):
     assert torch.autograd.gradcheck(fn, (f64(2, 3, 6), f64(2, 3, 5), f64(6, 5), f64(6), f64(channels)))
 
 
+@pytest.mark.parametrize("p", [0.0, 0.25])
+@pytest.mark.parametrize("activation", ["relu", "gelu", "silu"])
+def test_gradcheck_gated_act_dropout(p, activation):
+    fn = seeded(lambda gu: F.gated_act_dropout(gu, activation, p))
+    assert torch.autograd.gradcheck(fn, (f64(3, 2, 14),))
+
+
 def test_gradcheck_linear_bias_act_dropout():
     fn = seeded(lambda i, w, b: F.linear_bias_act_dropout(i, w, b, "gelu", 0.25))
     assert torch.autograd.gradcheck(fn, (f64(4, 5), f64(7, 5), f64(7)))
@@ -58,6 +65,10 @@ def _opcheck_samples():
         for alpha in (torch.tensor([0.5]), torch.randn(8)):
             yield "residual", (x, fx, alpha, p, _seed(p))
             yield "linear_residual", (x, inp, w, b, alpha, p, _seed(p))
+        for act in ("silu", "gelu_tanh"):
+            yield "gated_act_dropout", (torch.randn(3, 2, 14), act, p, _seed(p))
+            yield "gated_linear_residual", (x, torch.randn(3, 10), torch.randn(8, 5),
+                                            torch.tensor([0.5]), act, 0.2, _seed(1), p, _seed(p))
         for act in ("relu", "gelu"):
             for bias in (b, None):
                 yield "bias_act_dropout", (h, bias, act, p, _seed(p))
@@ -86,6 +97,13 @@ def test_backward_ops_opcheck():
         for bias in (b, None):
             torch.library.opcheck(ops.bias_act_dropout_backward,
                                   (g, h, bias, "gelu", 0.3, _seed(1), mask))
+    for act in ("silu", "gelu"):
+        torch.library.opcheck(ops.gated_act_dropout_backward,
+                              (g, torch.randn(3, 16), act, 0.3, _seed(1)))
+    for mask in ([True] * 3, [True, False, False], [False, True, True]):
+        torch.library.opcheck(ops.gated_linear_residual_backward,
+                              (g, torch.randn(3, 10), torch.randn(8, 5), torch.randn(8), "silu",
+                               0.3, _seed(1), 0.2, _seed(1), mask))
     for act in ("relu", "gelu"):
         kept = torch.relu(fx) if act == "relu" else fx
         for bias in (b, None):
@@ -143,12 +161,13 @@ def test_compile_inductor_with_dropout_trains():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("op", ["residual", "bias_act", "linear", "fc"])
+@pytest.mark.parametrize("op", ["residual", "bias_act", "gated", "linear", "fc"])
 def test_double_backward_is_a_clear_error(op):
     x, fx = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
     alpha, w = torch.ones(1, requires_grad=True), torch.randn(8, 8, requires_grad=True)
     out = {"residual": lambda: F.rezero_residual(x, fx, alpha, 0.1),
            "bias_act": lambda: F.bias_act_dropout(fx, alpha.expand(8), "gelu", 0.1),
+           "gated": lambda: F.gated_act_dropout(fx * alpha, "silu", 0.1),
            "linear": lambda: F.rezero_linear(x, fx, w, None, alpha, 0.1),
            "fc": lambda: F.rezero_fc(fx, w, None, alpha, "gelu", 0.1)}[op]()
     (grad,) = torch.autograd.grad(out.sum(), (fx,), create_graph=True)

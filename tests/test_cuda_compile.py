@@ -31,8 +31,19 @@ TORCH_NVCC_DEFINES = ["-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSI
                       "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__"]
 
 
+def torch_cpp_standard() -> str:
+    """The -std flag torch's BuildExtension adds when an extension passes none (what setup.py
+    relies on): read from its source, as torch exposes it nowhere else."""
+    import inspect
+    import re
+    from torch.utils import cpp_extension
+    found = re.findall(r"c\+\+(\d\d)", inspect.getsource(cpp_extension.BuildExtension))
+    assert found, "torch's BuildExtension names no C++ standard"
+    return f"-std=c++{max(found)}"
+
+
 def _nvcc_command(source: Path, arch: str, out: Path) -> list[str]:
-    return [NVCC, "-c", "-std=c++17", "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+    return [NVCC, "-c", torch_cpp_standard(), "-O3", f"-gencode=arch=compute_{arch},code=sm_{arch}",
             *TORCH_NVCC_DEFINES, "-I", str(ROOT / "csrc"), "-Xcompiler", "-fPIC",
             "-Xptxas", "-v", str(source), "-o", str(out)]
 
@@ -123,7 +134,7 @@ def test_binding_type_checks_against_torch_headers():
     if cxx is None or not cuda_dirs:
         pytest.skip("no C++ compiler or CUDA runtime headers")
     from torch.utils import cpp_extension
-    cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Werror",
+    cmd = [cxx, torch_cpp_standard(), "-fsyntax-only", "-Wall", "-Werror",
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-I", str(ROOT / "csrc")]
     for d in cpp_extension.include_paths() + [sysconfig.get_paths()["include"]] + cuda_dirs:
         cmd += ["-isystem", d]

@@ -200,3 +200,36 @@ def test_editing_a_kept_tensor_in_place_makes_backward_raise(activation):
         (y if activation == "relu" else h).add_(1)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         torch.autograd.grad((y * 1).sum(), base)
+
+
+@pytest.mark.parametrize("backend", FUSED_ON_CPU)
+def test_dropout_under_vmap_follows_its_randomness_mode(backend):
+    """torch.func.vmap's randomness: "error" (its default) raises as eager dropout does;
+    "different" raises (the fused ops draw one seed per call, so every batch element would get
+    one mask); "same" gives every batch element the same mask."""
+    xs, fxs, a = torch.zeros(3, 4, 8), torch.ones(3, 4, 8), torch.ones(1)
+
+    def f(x, fx):
+        return F.rezero_residual(x, fx, a, 0.5, backend=backend)
+    with pytest.raises(RuntimeError, match="randomness error mode"):
+        torch.func.vmap(f)(xs, fxs)
+    with pytest.raises(NotImplementedError, match="randomness='different'"):
+        torch.func.vmap(f, randomness="different")(xs, fxs)
+    same = torch.func.vmap(f, randomness="same")(xs, fxs)
+    assert torch.equal(same[0], same[1]) and torch.equal(same[0], same[2])
+    assert 0 < (same[0] == 0).float().mean() < 1
+    different = torch.func.vmap(lambda x, fx: F.rezero_residual(x, fx, a, 0.5, backend="torch"),
+                                randomness="different")(xs, fxs)
+    assert not torch.equal(different[0], different[1])  # eager's, for comparison
+
+
+@pytest.mark.parametrize("backend", FUSED_ON_CPU + ["torch"])
+def test_zero_dim_residual_broadcasts_like_eager(backend):
+    """0-dim x and fx with a (1,) gate: eager's x + alpha * fx has shape (1,); a 0-dim or
+    Python-number gate keeps the result 0-dim."""
+    x, fx = torch.tensor(1.0), torch.tensor(2.0)
+    for alpha in (torch.full((1,), 0.5), torch.tensor(0.5), 0.5):
+        want = x + alpha * fx
+        got = F.rezero_residual(x, fx, alpha, backend=backend)
+        assert got.shape == want.shape, (alpha, got.shape, want.shape)
+        torch.testing.assert_close(got, want)

@@ -25,7 +25,7 @@ def _worker(rank, port, out_dir):
         mesh = init_device_mesh("cpu", (WORLD,))
         torch.manual_seed(0)
         model = Net()
-        for layer in (model.enc, model.dec, model.fc):
+        for layer in (model.enc, model.dec, model.llama, model.fc):
             fsdp.fully_shard(layer, mesh=mesh)
         fsdp.fully_shard(model, mesh=mesh)
         assert all(isinstance(p, DTensor) for p in model.parameters())  # really sharded

@@ -119,6 +119,11 @@ def test_misaligned_storage_matches_aligned(dtype, per_channel):
     for a, b in zip(ops.bias_act_dropout_backward(gs, xs, bias, "gelu", 0.3, seed, BOTH),
                     ops.bias_act_dropout_backward(g, x, bias, "gelu", 0.3, seed, BOTH)):
         assert torch.equal(a, b)
+    gy = g[:, : channels // 2].contiguous()  # x as gate_up: the gradient of its (rows, H) result
+    assert torch.equal(ops.gated_act_dropout(xs, "gelu", 0.3, seed),
+                       ops.gated_act_dropout(x, "gelu", 0.3, seed))
+    assert torch.equal(ops.gated_act_dropout_backward(shifted(gy), xs, "gelu", 0.3, seed),
+                       ops.gated_act_dropout_backward(gy, x, "gelu", 0.3, seed))
 
 
 @needs_cuda_kernels
@@ -131,6 +136,10 @@ def test_empty_tensors():
     assert gf.shape == (0, 8) and torch.equal(ga, torch.zeros_like(alpha))
     gh, gb = ops.bias_act_dropout_backward(x, x, bias, "gelu", 0.5, seed, BOTH)
     assert gh.shape == (0, 8) and torch.equal(gb, torch.zeros_like(bias))
+    gate_up = torch.empty(0, 16, device=DEV)
+    assert ops.gated_act_dropout(gate_up, "silu", 0.5, seed).shape == (0, 8)
+    assert ops.gated_act_dropout_backward(x, gate_up, "silu", 0.5, seed).shape == (0, 16)
+    assert ops.gated_act_dropout(torch.empty(3, 0, device=DEV), "silu", 0.5, seed).shape == (3, 0)
 
 
 @needs_cuda_kernels
@@ -141,6 +150,9 @@ def test_no_dropout_never_reads_the_seed():
     alpha = torch.full((1,), 0.5, device=DEV)
     bogus = torch.empty(0, dtype=torch.int64, device=DEV)
     torch.testing.assert_close(ops.residual(x, fx, alpha, 0.0, bogus), x + 0.5 * fx)
+    gate_up = torch.cat([x, fx], -1)
+    torch.testing.assert_close(ops.gated_act_dropout(gate_up, "relu", 0.0, bogus),
+                               torch.relu(x) * fx)
 
 
 # --- the dropout mask ---------------------------------------------------------------------------
@@ -150,7 +162,8 @@ def test_no_dropout_never_reads_the_seed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
 def test_cpu_and_cuda_drop_the_same_elements(shape, dtype):
     """The same seed values give the same mask on CPU and CUDA (both follow csrc/philox.h),
-    for the flat kernels (forward) and the column kernels (per-channel backward)."""
+    for the flat kernels (forward), the column kernels (per-channel backward) and the gated
+    kernels (odd widths: dropout indices not a multiple of 4 at row starts)."""
     if not rzk.backends()["cpu"]:
         pytest.skip("CPU kernels not built")
     math = torch.float64 if dtype == torch.float64 else torch.float32
@@ -174,6 +187,13 @@ def test_cpu_and_cuda_drop_the_same_elements(shape, dtype):
         cuda_b = ops.bias_act_dropout(ones.to(DEV), bias.to(DEV), "identity", p,
                                       seed_tensor(*seed_values))
         assert torch.equal(cpu_b != 0, (cuda_b != 0).cpu())
+        gate_up = torch.ones(shape[:-1] + (2 * shape[-1],), dtype=dtype)  # y = m, grad = [m | m]
+        cpu_y = ops.gated_act_dropout(gate_up, "identity", p, seed_tensor(*seed_values, "cpu"))
+        cuda_y = ops.gated_act_dropout(gate_up.to(DEV), "identity", p, seed_tensor(*seed_values))
+        assert torch.equal(cpu_y != 0, (cuda_y != 0).cpu())
+        cuda_gg = ops.gated_act_dropout_backward(ones.to(DEV), gate_up.to(DEV), "identity", p,
+                                                 seed_tensor(*seed_values))
+        assert torch.equal((cuda_gg != 0).cpu(), torch.cat([cpu_y != 0] * 2, -1))
 
 
 @needs_cuda_kernels
@@ -265,6 +285,7 @@ def test_cuda_graph_forward_backward_matches_eager(per_channel):
     torch.manual_seed(0)
     shape = (257, 96)
     x, fx, grad, h = (randn(*shape).float() for _ in range(4))
+    gate_up = randn(shape[0], 2 * shape[1]).float()
     alpha = torch.rand(shape[-1] if per_channel else 1, device=DEV)
     bias = torch.randn(shape[-1], device=DEV)
     seed = seed_tensor(5, 6)
@@ -275,7 +296,9 @@ def test_cuda_graph_forward_backward_matches_eager(per_channel):
         gfx, galpha = ops.residual_backward(grad, fx, alpha, p, seed, BOTH)
         z = ops.bias_act_dropout(h, bias, "gelu", p, seed)
         gh, gbias = ops.bias_act_dropout_backward(grad, h, bias, "gelu", p, seed, BOTH)
-        return y, gfx, galpha, z, gh, gbias
+        gated = ops.gated_act_dropout(gate_up, "silu", p, seed)
+        ggu = ops.gated_act_dropout_backward(grad, gate_up, "silu", p, seed)
+        return y, gfx, galpha, z, gh, gbias, gated, ggu
 
     graph, static = _capture(step)
     for key, base in [(5, 6), (123456789, -42), (2**62 - 1, 2**40 + 3)]:
@@ -412,9 +435,10 @@ def test_every_triton_config_computes_what_the_first_does(dtype, index, monkeypa
     does not depend on the tile) and the same values up to summation order.  Odd sizes leave
     partial tiles; K = 96 and K = 90 take the GEMM tiles for aligned and for unaligned operands.
     One test per index, so that parallel workers share the compiles."""
-    from rezero_kernels.triton_ops import bias_act, common, fused_linear, residual
+    from rezero_kernels.triton_ops import bias_act, common, fused_linear, gated_act, residual
     kernels = [residual._residual_fwd, residual._residual_bwd, bias_act._bias_act_fwd,
-               bias_act._bias_act_bwd, fused_linear._linear_kernel]
+               bias_act._bias_act_bwd, gated_act._gated_act_fwd, gated_act._gated_act_bwd,
+               fused_linear._linear_kernel]
     tol = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float64: 1e-10}[dtype]
 
     def run(config):
@@ -424,14 +448,16 @@ def test_every_triton_config_computes_what_the_first_does(dtype, index, monkeypa
         torch.manual_seed(SEED)
         x, fx, h = (randn(77, 200, dtype=dtype).requires_grad_() for _ in range(3))
         inputs = [x, fx, h] + [randn(*s, dtype=dtype).requires_grad_() for s in
-                               [(77, 96), (77, 90), (200, 96), (200, 90), (200,), (200,), (1,)]]
-        _, _, _, inp, inp_odd, w, w_odd, b, a_vec, a = inputs
+                               [(77, 96), (77, 90), (200, 96), (200, 90), (200,), (200,), (1,),
+                                (77, 400)]]
+        _, _, _, inp, inp_odd, w, w_odd, b, a_vec, a, gate_up = inputs
         outs = [F.rezero_residual(x, fx, a, 0.1, backend="triton"),
                 F.bias_act_dropout(h, b, "gelu", 0.1, backend="triton"),
                 F.rezero_linear(x, inp, w, b, a_vec, 0.1, backend="triton"),
                 F.rezero_linear(x, inp_odd, w_odd, b, a, 0.1, backend="triton"),
                 F.linear_bias_act_dropout(inp, w, b, "gelu", 0.1, backend="triton"),
-                F.linear_bias_act_dropout(inp_odd, w_odd, b, "relu", 0.1, backend="triton")]
+                F.linear_bias_act_dropout(inp_odd, w_odd, b, "relu", 0.1, backend="triton"),
+                F.gated_act_dropout(gate_up, "silu", 0.1, backend="triton")]
         torch.manual_seed(SEED + 1)
         loss = sum((o * torch.randn_like(o)).sum() for o in outs)
         return outs + list(torch.autograd.grad(loss, inputs))

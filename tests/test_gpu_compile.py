@@ -39,7 +39,8 @@ triton = pytest.importorskip("triton")
 from rezero_kernels import triton_ops as T  # noqa: E402
 from rezero_kernels.triton_ops import common, fused_linear, tuning  # noqa: E402
 
-KERNELS = {"_residual_fwd", "_residual_bwd", "_bias_act_fwd", "_bias_act_bwd", "_linear_kernel"}
+KERNELS = {"_residual_fwd", "_residual_bwd", "_bias_act_fwd", "_bias_act_bwd", "_gated_act_fwd",
+           "_gated_act_bwd", "_linear_kernel"}
 GEMM = "_linear_kernel"
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # A100, H100: shared memory per block (opt-in)
 
@@ -77,6 +78,7 @@ def _all_ops(rows, channels, device="meta", dtype=torch.bfloat16):
         x, alpha, bias = t(rows, channels), t(channels), t(channels)
         backward(T.rezero_residual(x, t(rows, channels), alpha, 0.1))
         backward(T.bias_act_dropout(x, bias, "gelu", 0.1))
+        backward(T.gated_act_dropout(t(rows, 2 * channels), "silu", 0.1))
         n = min(channels, 4096)
         inp, w, b, a = t(rows, n), t(n, n), t(n), t(n)
         backward(T.linear_bias_act_dropout(inp, w, b, "gelu", 0.1))

@@ -194,3 +194,21 @@ def test_setup_names_a_cuda_home_without_the_cuda_headers(want_cuda, tmp_path, m
     monkeypatch.setenv("REZERO_CUDA", "1")
     with pytest.raises(RuntimeError, match="REZERO_CUDA=1 but torch has no CUDA"):
         want_cuda(False, str(tmp_path))
+
+
+def test_setup_pins_no_cpp_standard_older_than_torchs(monkeypatch):
+    """setup.py leaves the C++ standard to torch's BuildExtension (torch 2.15's headers need
+    C++20, and a pinned -std=c++17 broke its build); any -std flag it passes must be at least
+    the installed torch's."""
+    import runpy
+    import setuptools
+    from test_cuda_compile import torch_cpp_standard
+    monkeypatch.setattr(setuptools, "setup", lambda **kw: None)
+    monkeypatch.setenv("REZERO_CUDA", "0")
+    monkeypatch.delenv("REZERO_NO_EXT", raising=False)
+    (ext,) = runpy.run_path(os.path.join(REPO, "setup.py"))["ext_modules"]
+    args = ext.extra_compile_args
+    flags = [f for group in (args.values() if isinstance(args, dict) else [args]) for f in group]
+    need = int(torch_cpp_standard()[len("-std=c++"):])
+    pinned = [f for f in flags if f.startswith("-std=")]
+    assert all(int(f.rsplit("+", 1)[1]) >= need for f in pinned), (pinned, need)

@@ -175,14 +175,14 @@ def test_nested_tensor_warning_is_torchs_own():
 def test_cpu_attention_dropout_is_sdpa_math_with_the_fused_mask(causal):
     """CPU training replaces SDPA's slow bernoulli dropout by the fused one; same math."""
     from parity import probe_mask
-    from rezero_kernels.attention import _scaled_dot_product
+    from rezero_kernels.attention import scaled_dot_product
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
     pad = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
     pad[0, ..., -1] = float("-inf")
     p, seed = 0.3, 99
     torch.manual_seed(seed)
-    out = _scaled_dot_product(q, k, v, None if causal else pad, causal, p, "cpu")
+    out = scaled_dot_product(q, k, v, None if causal else pad, causal, p, "cpu")
     keep = probe_mask((2, 3, 5, 5), p, seed, "cpu").double()
     future = torch.ones(5, 5, dtype=torch.bool).triu(1)
     mask = torch.zeros(5, 5, dtype=torch.float64).masked_fill(future, float("-inf")) if causal else pad

@@ -26,6 +26,11 @@ def _models():
         "decoder stack": (nn.TransformerDecoder(dec, 2), (x, torch.randn(2, 3, D))),
         "reference layer": (python_ref.RZTXEncoderLayer(D, H, FF, dropout=0.0, alpha_init=0.5),
                             (x,)),
+        "llama stack": (nn.Sequential(*[rzk.RZLlamaLayer(D, H, 1, FF, alpha_init=0.5)
+                                        for _ in range(2)]), (x,)),
+        "llama reference layer": (python_ref.RZLlamaLayer(D, H, 2, FF, qkv_bias=True,
+                                                          alpha_init=0.5, share_alpha=False),
+                                  (x,)),
         "gate": (rzk.ReZero(nn.Linear(D, D), alpha_init=0.5, channels=D), (x,)),
         "fc net": (rzk.rezero_fc_net(depth=3, width=D, in_features=D, out_features=4,
                                      alpha_init=0.5), (x,)),

@@ -33,7 +33,9 @@ OPCHECK_CASES = ["residual", "residual p=0", "residual_backward",
                  "bias_act_dropout_backward frozen bias", "linear_residual",
                  "linear_residual_backward", "linear_residual_backward frozen weight+alpha",
                  "linear_act gelu", "linear_act relu p=0", "linear_act_backward",
-                 "linear_act_backward frozen bias"]
+                 "linear_act_backward frozen bias", "gated_act_dropout silu",
+                 "gated_act_dropout relu p=0", "gated_act_dropout_backward",
+                 "gated_act_dropout_backward p=0"]
 
 
 def _opcheck_case(name):
@@ -76,6 +78,12 @@ def _opcheck_case(name):
         "linear_act_backward frozen bias": (ops.linear_act_backward,
                                             (c(2, 9, 17), c(2, 9, 33), c(17, 33), c(2, 9, 17), 3,
                                              0.3, seed, [True, True, False])),
+        "gated_act_dropout silu": (ops.gated_act_dropout, (r(7, 66), 4, 0.3, seed)),
+        "gated_act_dropout relu p=0": (ops.gated_act_dropout, (r(2, 3, 34), 1, 0.0, None)),
+        "gated_act_dropout_backward": (ops.gated_act_dropout_backward,
+                                       (c(7, 33), c(7, 66), 2, 0.3, seed)),
+        "gated_act_dropout_backward p=0": (ops.gated_act_dropout_backward,
+                                           (c(2, 3, 17), c(2, 3, 34), 3, 0.0, None)),
     }[name]
 
 
@@ -92,12 +100,13 @@ def test_compiles_with_fullgraph():
     """Dynamo traces the whole backend (seed draw, ops, autograd) without a graph break; the
     compiled run reproduces eager, mask included ("aot_eager": Inductor's own RNG would draw a
     different seed unless torch._inductor.config.fallback_random is set)."""
-    def f(x, fx, a, h, b, inp, w, bias):
+    def f(x, fx, a, h, b, inp, w, bias, gate_up):
         y = F.rezero_residual(x, fx, a, 0.2, backend=B)
         z = F.bias_act_dropout(h, b, "gelu", 0.2, backend=B)
         u = F.rezero_linear(y, inp, w, bias, a, 0.2, backend=B)
         v = F.linear_bias_act_dropout(inp, w, bias, "gelu_tanh", 0.2, backend=B)
-        return u.sum() + z.sum() + v.sum()
+        s = F.gated_act_dropout(gate_up, "silu", 0.2, backend=B)
+        return u.sum() + z.sum() + v.sum() + s.sum()
 
     torch.manual_seed(0)
     args = _every_op_args()
@@ -137,12 +146,12 @@ def test_mask_follows_the_documented_rule():
 def registered_calls(monkeypatch):
     """Names of the registered ops (``torch.library``) called, in order: the route that
     torch.compile, torch.func and double backward take, and eager calls must not."""
-    from rezero_kernels.triton_ops import bias_act, fused_linear, residual
+    from rezero_kernels.triton_ops import bias_act, fused_linear, gated_act, residual
     calls = []
     ops = [residual.residual, residual.residual_backward, bias_act.bias_act,
            bias_act.bias_act_backward, fused_linear.linear_residual,
            fused_linear.linear_residual_backward, fused_linear.linear_act,
-           fused_linear.linear_act_backward]
+           fused_linear.linear_act_backward, gated_act.gated_act, gated_act.gated_act_backward]
     for op in ops:
         def counted(*args, _registered=op.registered, _name=op.fn.__name__):
             calls.append(_name)
@@ -152,18 +161,19 @@ def registered_calls(monkeypatch):
 
 
 def _every_op(args):
-    x, fx, a, h, b, inp, w, bias = args
+    x, fx, a, h, b, inp, w, bias, gate_up = args
     return (F.rezero_residual(x, fx, a, 0.2, backend=B).sum()
             + F.bias_act_dropout(h, b, "gelu", 0.2, backend=B).sum()
             + F.rezero_linear(x, inp, w, bias, a, 0.2, backend=B).sum()
-            + F.linear_bias_act_dropout(inp, w, bias, "gelu_tanh", 0.2, backend=B).sum())
+            + F.linear_bias_act_dropout(inp, w, bias, "gelu_tanh", 0.2, backend=B).sum()
+            + F.gated_act_dropout(gate_up, "silu", 0.2, backend=B).sum())
 
 
 def _every_op_args(rows=5):
-    """x, fx, alpha (per channel), h, bias, inp, weight, bias of the linear ops."""
+    """x, fx, alpha (per channel), h, bias, inp, weight, bias of the linear ops, gate_up."""
     return [torch.randn(s, device=DEV, requires_grad=True)
             for s in [(rows, 17), (rows, 17), (17,), (rows, 17), (17,), (rows, 33), (17, 33),
-                      (17,)]]
+                      (17,), (rows, 34)]]
 
 
 @pytest.fixture
@@ -191,7 +201,7 @@ def test_eager_calls_skip_the_registered_ops(registered_calls, wrapping):
     with torch.no_grad():
         _every_op(args)
     assert registered_calls == []
-    assert len(wrapping) >= 12 and not any(wrapping), wrapping
+    assert len(wrapping) >= 15 and not any(wrapping), wrapping
 
 
 def test_registered_ops_called_eagerly_launch_straight_to_triton(wrapping):
@@ -201,13 +211,14 @@ def test_registered_ops_called_eagerly_launch_straight_to_triton(wrapping):
     cannot launch an interpreted kernel through the higher-order op: 'function' object has no
     attribute 'fn')."""
     from python_ref.activations import code
-    from rezero_kernels.triton_ops import bias_act, fused_linear, residual
-    x, fx, a, h, b, inp, w, bias = (t.detach() for t in _every_op_args())
+    from rezero_kernels.triton_ops import bias_act, fused_linear, gated_act, residual
+    x, fx, a, h, b, inp, w, bias, gate_up = (t.detach() for t in _every_op_args())
     residual.residual.registered(x, fx, a, 0.0, None)
     bias_act.bias_act.registered(h, b, code("gelu"), 0.0, None)
     fused_linear.linear_residual.registered(x, inp, w, bias, a, 0.0, None)
     fused_linear.linear_act.registered(inp, w, bias, code("relu"), 0.0, None, 0)
-    assert len(wrapping) == 4 and not any(wrapping), wrapping
+    gated_act.gated_act.registered(gate_up, code("silu"), 0.0, None)
+    assert len(wrapping) == 5 and not any(wrapping), wrapping
 
 
 def test_compile_and_double_backward_take_the_registered_ops(registered_calls):
@@ -216,7 +227,8 @@ def test_compile_and_double_backward_take_the_registered_ops(registered_calls):
     the registered backward op then raises instead of returning a gradient without a graph."""
     args = _every_op_args()
     torch.compile(_every_op, fullgraph=True, backend="aot_eager")(args)
-    assert {"residual", "bias_act", "linear_residual", "linear_act"} <= set(registered_calls)
+    assert {"residual", "bias_act", "linear_residual", "linear_act",
+            "gated_act"} <= set(registered_calls)
     registered_calls.clear()
     x, fx, a = args[:3]
     (grad_fx,) = torch.autograd.grad(F.rezero_residual(x, fx, a, 0.2, backend=B).sum(), (fx,),
@@ -235,12 +247,13 @@ def test_buffers_left_uninitialised_are_written_whole(rows, monkeypatch):
     def run():
         torch.manual_seed(0)
         args = _every_op_args(rows)
-        x, fx, a, h, b, inp, w, bias = args
+        x, fx, a, h, b, inp, w, bias, gate_up = args
         outs = [F.rezero_residual(x, fx, a, 0.2, backend=B),
                 F.rezero_residual(x, fx, a[:1], 0.0, backend=B),
                 F.bias_act_dropout(h, b, "gelu", 0.2, backend=B),
                 F.rezero_linear(x, inp, w, bias, a[:1], 0.2, backend=B),
-                F.linear_bias_act_dropout(inp, w, bias, "relu", 0.0, backend=B)]
+                F.linear_bias_act_dropout(inp, w, bias, "relu", 0.0, backend=B),
+                F.gated_act_dropout(gate_up, "gelu", 0.2, backend=B)]
         loss = sum((o * torch.linspace(-1, 1, o.numel(), device=DEV).view(o.shape)).sum()
                    for o in outs)
         return outs + list(torch.autograd.grad(loss, args))

@@ -27,7 +27,8 @@ needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
 
 
 class Net(nn.Module):
-    """Encoder layer, decoder layer (memory = encoder output), a ReZero FC block."""
+    """Encoder layer, decoder layer (memory = encoder output), a Llama-style layer (grouped-query
+    attention), a ReZero FC block."""
 
     def __init__(self):
         super().__init__()
@@ -36,12 +37,15 @@ class Net(nn.Module):
         self.enc = enc(D_MODEL, NHEAD, FF, dropout=0.0, batch_first=True, alpha_init=0.2)
         self.dec = dec(D_MODEL, NHEAD, FF, dropout=0.0, batch_first=True, alpha_init=0.2,
                        share_alpha=False)
+        llama = getattr(rezero_kernels, "RZLlamaLayer", python_ref.RZLlamaLayer)
+        self.llama = llama(D_MODEL, NHEAD, 1, FF, alpha_init=0.2, share_alpha=False)
         self.fc = ReZeroFCBlock(D_MODEL, "gelu", alpha_init=0.2)
 
     def forward(self, src, tgt):
         memory = self.enc(src)
-        return self.fc(self.dec(tgt, memory, tgt_is_causal=True,
-                                tgt_mask=python_ref.causal_mask(tgt.shape[1], tgt.shape[1])))
+        return self.fc(self.llama(self.dec(tgt, memory, tgt_is_causal=True,
+                                           tgt_mask=python_ref.causal_mask(tgt.shape[1],
+                                                                           tgt.shape[1]))))
 
 
 def _data():

@@ -44,6 +44,11 @@ struct Dropout {
   void bias_act_dropout_backward(at::Tensor& grad_h, at::Tensor* grad_bias,                   \
                                  const at::Tensor& grad, const at::Tensor& h,                 \
                                  const at::Tensor* bias, Act act, const Dropout& d);          \
+  /* y = dropout(act(g) * u) with [g | u] the halves of gate_up's last dimension */           \
+  void gated_act_dropout(at::Tensor& y, const at::Tensor& gate_up, Act act, const Dropout& d); \
+  /* grad_gate_up = [dropout(grad) * u * act'(g) | dropout(grad) * act(g)] */                 \
+  void gated_act_dropout_backward(at::Tensor& grad_gate_up, const at::Tensor& grad,           \
+                                  const at::Tensor& gate_up, Act act, const Dropout& d);      \
   }
 REZERO_CPU_VARIANTS(REZERO_CPU_DECLARE_KERNELS)
 #undef REZERO_CPU_DECLARE_KERNELS

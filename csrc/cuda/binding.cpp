@@ -15,6 +15,7 @@
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "../op_checks.h"
 #include "launchers.h"
@@ -132,12 +133,50 @@ std::tuple<at::Tensor, at::Tensor> bias_act_dropout_backward_op(
   return {mask[0] ? grad_h : at::Tensor(), grad_bias};
 }
 
+// gate_up (..., 2 H) as (rows, 2 H): H and rows of a non-empty gate_up.
+int64_t half_width(const at::Tensor& gate_up) { return gate_up.size(-1) / 2; }
+int64_t gated_rows(const at::Tensor& gate_up) { return gate_up.numel() / gate_up.size(-1); }
+
+at::Tensor gated_act_dropout_op(const at::Tensor& gate_up, c10::string_view activation, double p,
+                                const at::Tensor& seed) {
+  check_gated_args(gate_up, nullptr, c10::DeviceType::CUDA);
+  const Act act = parse_activation(activation);
+  const DropoutParams d = make_dropout(p, seed, gate_up);
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  std::vector<int64_t> sizes = gate_up.sizes().vec();
+  sizes.back() = half_width(gate_up);
+  at::Tensor y = at::empty(sizes, gate_up.options());
+  if (gate_up.numel() == 0) return y;
+  C10_CUDA_CHECK(gated_act_dropout_forward(dtype_of(gate_up), act, y.data_ptr(),
+                                           gate_up.data_ptr(), gated_rows(gate_up),
+                                           half_width(gate_up), d, current_stream()));
+  return y;
+}
+
+at::Tensor gated_act_dropout_backward_op(const at::Tensor& grad, const at::Tensor& gate_up,
+                                         c10::string_view activation, double p,
+                                         const at::Tensor& seed) {
+  check_gated_args(gate_up, &grad, c10::DeviceType::CUDA);
+  const Act act = parse_activation(activation);
+  const DropoutParams d = make_dropout(p, seed, gate_up);
+  const c10::cuda::CUDAGuard guard(gate_up.device());
+  at::Tensor grad_gate_up = at::empty_like(gate_up, at::MemoryFormat::Contiguous);
+  if (gate_up.numel() == 0) return grad_gate_up;
+  C10_CUDA_CHECK(gated_act_dropout_backward(dtype_of(gate_up), act, grad_gate_up.data_ptr(),
+                                            grad.data_ptr(), gate_up.data_ptr(),
+                                            gated_rows(gate_up), half_width(gate_up), d,
+                                            current_stream()));
+  return grad_gate_up;
+}
+
 }  // namespace
 TORCH_LIBRARY_IMPL(rezero_kernels, CUDA, m) {
   m.impl("residual", &residual_op);
   m.impl("residual_backward", &residual_backward_op);
   m.impl("bias_act_dropout", &bias_act_dropout_op);
   m.impl("bias_act_dropout_backward", &bias_act_dropout_backward_op);
+  m.impl("gated_act_dropout", &gated_act_dropout_op);
+  m.impl("gated_act_dropout_backward", &gated_act_dropout_backward_op);
 }
 
 }  // namespace rezero::cuda

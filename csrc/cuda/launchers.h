@@ -1,19 +1,22 @@
-// Host launchers of the CUDA kernels (residual.cu, bias_act_dropout.cu): plain C++ over raw
-// device pointers, no torch types, so the kernels build and are tested with nvcc alone and
-// binding.cpp is the only torch-facing file.
+// Host launchers of the CUDA kernels (residual.cu, bias_act_dropout.cu, gated_act_dropout.cu):
+// plain C++ over raw device pointers, no torch types, so the kernels build and are tested with
+// nvcc alone and binding.cpp is the only torch-facing file.
 //
 // Every launcher
-//  * takes contiguous data of `n` elements viewed as (n / channels, channels) rows;
+//  * takes contiguous data of `n` elements viewed as (n / channels, channels) rows (the gated
+//    ones: (rows, 2 H) in, (rows, H) out);
 //  * takes alpha / bias in the math type (float, or double for kFloat64 data) and writes the
 //    gradients of them in that type;
 //  * reads the dropout seed [key, counter_base] from device memory inside the kernels (no host
 //    synchronisation, so the launches can be captured in a CUDA graph);
 //  * enqueues its kernels on `stream` and returns cudaGetLastError() (cudaSuccess when fine),
 //    or the error of a CUDA runtime call it made;
-//  * needs n > 0 (the binding handles empty tensors without launching anything).
-// The backward launchers write per-block partial sums into a caller-provided workspace of
-// *_workspace_bytes(...) bytes, then add them in a fixed order in a second kernel: the
-// reductions use no atomics and give bitwise identical results run to run on one device.
+//  * needs n > 0, rows * H > 0 for the gated ones (the binding handles empty tensors without
+//    launching anything).
+// The backward launchers that reduce (grad_alpha, grad_bias) write per-block partial sums into a
+// caller-provided workspace of *_workspace_bytes(...) bytes, then add them in a fixed order in a
+// second kernel: the reductions use no atomics and give bitwise identical results run to run on
+// one device.
 #pragma once
 #include <cuda_runtime_api.h>
 
@@ -62,5 +65,17 @@ cudaError_t bias_act_dropout_backward(DType dtype, Act act, void* grad_h, void* 
                                       void* workspace, const void* grad, const void* h,
                                       const void* bias, int64_t n, int64_t channels,
                                       DropoutParams dropout, cudaStream_t stream);
+
+// gate_up is (rows, 2 H) holding [g | u]:  y (rows, H) = dropout(act(g) * u), dropout element i
+// the i-th element of y.
+cudaError_t gated_act_dropout_forward(DType dtype, Act act, void* y, const void* gate_up,
+                                      int64_t rows, int64_t H, DropoutParams dropout,
+                                      cudaStream_t stream);
+
+// grad_gate_up (rows, 2 H) = [d * u * act'(g) | d * act(g)] with d = grad * mask * scale, grad
+// (rows, H).  No reduction, no workspace.
+cudaError_t gated_act_dropout_backward(DType dtype, Act act, void* grad_gate_up,
+                                       const void* grad, const void* gate_up, int64_t rows,
+                                       int64_t H, DropoutParams dropout, cudaStream_t stream);
 
 }  // namespace rezero::cuda

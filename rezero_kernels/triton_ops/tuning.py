@@ -23,6 +23,7 @@ import torch
 from .bias_act import bias_act_dropout
 from .common import bucket
 from .fused_linear import linear_bias_act_dropout, rezero_linear
+from .gated_act import gated_act_dropout
 from .residual import rezero_residual
 
 
@@ -50,6 +51,7 @@ def warmup(rows: Union[int, Iterable[int]], features: int, hidden: Optional[int]
         rezero_linear            features -> features, and hidden -> features
         linear_bias_act_dropout  features -> hidden (inference and training variants)
         bias_act_dropout         (rows, hidden)
+        gated_act_dropout        (rows, 2 hidden) -> (rows, hidden), a gated MLP's hidden
 
     ``hidden`` defaults to ``features``.  ``dtype`` is the dtype of the data and GEMM
     operands; ``residual_dtype`` that of the residual stream x and the gate when it differs
@@ -88,6 +90,7 @@ def _block(m, features, hidden, dtype, device, activation, p, per_channel, resid
         _run(lambda i, w, b: linear_bias_act_dropout(i, w, b, activation, p), ff, True)
     bias = randn(hidden)
     _run(lambda h, b: bias_act_dropout(h, b, activation, p), [randn(m, hidden), bias], grad)
+    _run(lambda gu: gated_act_dropout(gu, activation, p), [randn(m, 2 * hidden)], grad)
     if grad and frozen:  # alpha and bias fixed: closed over, not differentiated
         _run(lambda x, fx: rezero_residual(x, fx, alpha, p),
              [x, randn(m, features, dt=residual_dtype)], True)

@@ -15,16 +15,6 @@
 namespace rezero::cpu::CPU_CAPABILITY {
 namespace {
 
-// z[j] <- act(z[j]) (kGrad false) or act'(z[j]) (kGrad true), for j < n.
-template <Act kAct, bool kGrad, typename M>
-void activate_in_place(M* z, int64_t n) {
-  using V = at::vec::Vectorized<M>;
-  for (int64_t j = 0; j < n; j += V::size()) {
-    const int64_t count = std::min<int64_t>(V::size(), n - j);
-    rezero::activate<kAct, kGrad>(V::loadu(z + j, count)).store(z + j, count);
-  }
-}
-
 template <typename M>
 void add_bias(M* __restrict z, const M* __restrict h, const M* __restrict b, int64_t n) {
   for (int64_t j = 0; j < n; ++j) z[j] = h[j] + b[j];
@@ -56,8 +46,6 @@ void store_backward(T* __restrict gh, M* __restrict acc, const M* __restrict g,
     if constexpr (kReduce) acc[j] += v;
   }
 }
-
-constexpr int64_t kSub = 64;
 
 // The bias of a sub-piece of k <= kSub columns: zeros when there is no bias.
 template <typename M>

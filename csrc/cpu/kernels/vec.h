@@ -46,6 +46,10 @@ inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
   }
 }
 
+// Elements of a sub-piece: short enough that the loads, the activation and the stores of one
+// sub-piece stay within the out-of-order window, so memory and math overlap.
+constexpr int64_t kSub = 64;
+
 }  // namespace rezero::cpu::CPU_CAPABILITY
 
 namespace rezero {
@@ -64,3 +68,30 @@ struct ActOps<at::vec::Vectorized<M>> {
 };
 
 }  // namespace rezero
+
+namespace rezero::cpu::CPU_CAPABILITY {
+
+// z[j] <- act(z[j]) (kGrad false) or act'(z[j]) (kGrad true), for j < n.
+template <Act kAct, bool kGrad, typename M>
+inline void activate_in_place(M* z, int64_t n) {
+  using V = at::vec::Vectorized<M>;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    rezero::activate<kAct, kGrad>(V::loadu(z + j, count)).store(z + j, count);
+  }
+}
+
+// a[j] <- act(a[j]) and da[j] <- act'(a[j]) together (one exp / erf / tanh), for j < n.
+template <Act kAct, typename M>
+inline void activate_both_in_place(M* a, M* da, int64_t n) {
+  using V = at::vec::Vectorized<M>;
+  for (int64_t j = 0; j < n; j += V::size()) {
+    const int64_t count = std::min<int64_t>(V::size(), n - j);
+    V value, grad;
+    rezero::activation<kAct, true, true>(V::loadu(a + j, count), &value, &grad);
+    value.store(a + j, count);
+    grad.store(da + j, count);
+  }
+}
+
+}  // namespace rezero::cpu::CPU_CAPABILITY
