@@ -17,14 +17,15 @@ PY=${PYTHON:-python3}
 
 # install_here PYTHON [REQUIREMENT...]: into PYTHON's environment, the REQUIREMENTs, the build
 # requirements (pyproject.toml: --no-build-isolation leaves them to us) and the test and
-# benchmark dependencies, none of which requires torch; the original package; then this
+# benchmark dependencies (HF transformers, for the integration and its tests, and accelerate,
+# which HF's Trainer needs: both take the torch that is there); the original package; then this
 # directory's package, built against the torch there.  Chained with && so that a caller's
 # subshell tested by || stops at the first failure too.
 install_here() {
   local py=$1
   shift
   "$py" -m pip install -q "$@" "setuptools>=64" wheel pytest pytest-benchmark expecttest ninja \
-      matplotlib scikit-learn gensim &&
+      matplotlib scikit-learn gensim "transformers==5.24.0" "accelerate==1.16.0" &&
     "$py" -m pip install -q --no-deps "rezero==0.1.0" &&
     "$py" -m pip install -q --no-build-isolation --no-deps -e . &&
     "$py" -c "import torch, triton, rezero_kernels as r; print('torch', torch.__version__, '| triton', triton.__version__, '| backends', r.backends())"

@@ -456,8 +456,8 @@ class PreNormLlama(nn.Module):
         o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
                                                        enable_gqa=r.num_kv_heads != r.nhead)
         x = x + a.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-        g, u = r.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        return x + r.mlp.down_proj(nn.functional.silu(g) * u)
+        h = self.post_attention_layernorm(x)
+        return x + r.mlp.down_proj(nn.functional.silu(r.mlp.gate_proj(h)) * r.mlp.up_proj(h))
 
 
 # the layer a user would otherwise train: HF's, or the plain equivalent, named as such

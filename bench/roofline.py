@@ -13,6 +13,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from python_ref import llama
+
 
 def copy_call(like: torch.Tensor):
     """(callable copying a tensor of ``like``'s size into a preallocated one, bytes moved)."""
@@ -75,7 +77,8 @@ def gbps(nbytes, seconds):
 class LlamaFloor(nn.Module):
     """A Llama-style layer's GEMMs and attention alone, on ``python_ref.RZLlamaLayer``'s
     parameters: the q/k/v projections, causal ``scaled_dot_product_attention`` with grouped-query
-    attention, the output projection, the gate/up GEMM and the down GEMM; no RoPE, activation,
+    attention, the output projection, the gate/up GEMM (its weights stacked, as the layer runs it) and the down
+    GEMM; no RoPE, activation,
     product, dropout, gate or residual.  The down GEMM reads ``hidden`` (a tensor of the hidden's
     shape) instead of act(g) * u, so that nothing but GEMMs sits between them; forward returns
     (down output, gate/up output), and a training step differentiates both (``grad_outputs``)."""
@@ -96,5 +99,5 @@ class LlamaFloor(nn.Module):
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
                                            enable_gqa=r.num_kv_heads != r.nhead)
         h = F.linear(o.transpose(1, 2).reshape(batch, length, -1), a.o_proj.weight)
-        gate_up = F.linear(h, r.mlp.gate_up_proj.weight)
+        gate_up = llama.gate_up(r.mlp, h)
         return F.linear(self.hidden, r.mlp.down_proj.weight), gate_up

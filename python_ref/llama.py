@@ -7,11 +7,11 @@
 No norms (ReZero replaces the pre-RMSNorms), causal self-attention with rotary position
 embeddings (RoPE, in the rotate-half form HF ``transformers`` uses), grouped-query attention
 (``num_kv_heads`` key/value heads shared by groups of query heads; 1 is multi-query), a gated MLP
-whose gate and up projections are one GEMM (``mlp.gate_up_proj``, output ``[gate | up]``),
-bias-free projections except optional q/k/v biases (Qwen2).  Parameter names follow HF's
-``LlamaDecoderLayer`` (``self_attn.{q,k,v,o}_proj``, ``mlp.down_proj``) except the fused
-``mlp.gate_up_proj``; the gates are ``resweight`` (one per layer, the paper's) or ``resweight``
-and ``resweight_ff`` with ``share_alpha=False``.
+whose gate and up projections run as one GEMM (``gate_up``, output ``[gate | up]``),
+bias-free projections except optional q/k/v biases (Qwen2).  Parameter names are HF's
+``LlamaDecoderLayer``'s (``self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``), so its
+weights load as they are; the gates are ``resweight`` (one per layer, the paper's) or
+``resweight`` and ``resweight_ff`` with ``share_alpha=False``.
 
 Inputs are batch-first ``(batch, seq, d_model)``.  Masks follow the rest of the library (and
 ``nn.MultiheadAttention``): a bool mask is True where attention is NOT allowed, a float mask is
@@ -192,12 +192,21 @@ class LlamaAttention(nn.Module):
 
 
 class GatedMLP(nn.Module):
-    """``down(act(gate(x)) * up(x))`` with gate and up as one GEMM (``gate_up_proj``)."""
+    """``down(act(gate(x)) * up(x))`` (HF's module names); the layer runs gate and up as one
+    GEMM (``gate_up``)."""
 
     def __init__(self, d_model, hidden, factory):
         super().__init__()
-        self.gate_up_proj = nn.Linear(d_model, 2 * hidden, bias=False, **factory)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=False, **factory)
+        self.up_proj = nn.Linear(d_model, hidden, bias=False, **factory)
         self.down_proj = nn.Linear(hidden, d_model, bias=False, **factory)
+
+
+def gate_up(mlp, x):
+    """``[gate(x) | up(x)]`` from one GEMM on ``mlp``'s two weights stacked (a weight-sized copy,
+    whose backward only splits the gradient): the gated activation's input.  ``mlp`` is a
+    ``GatedMLP`` or any module with ``gate_proj`` and ``up_proj`` linears (HF's ``LlamaMLP``)."""
+    return F.linear(x, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
 
 
 _GATES = ("resweight", "resweight_ff")
@@ -273,27 +282,32 @@ class RZLlamaLayer(nn.Module):
                 f"mlp_dropout={self.mlp_dropout}, share_alpha={self.share_alpha}")
 
     def forward(self, x, attn_mask=None, key_padding_mask=None, position_ids=None, cache=None,
-                is_causal=True):
+                is_causal=True, rotary=None):
         """``x``: (batch, seq, d_model).  ``cache``: a ``KVCache`` (its keys come before ``x``'s
-        positions, which then start at ``len(cache)`` unless ``position_ids`` says otherwise)."""
+        positions, which then start at ``len(cache)`` unless ``position_ids`` says otherwise).
+        ``rotary``: (cos, sin), each (batch or 1, seq, head_dim), computed by the caller (HF's
+        rotary embedding, with its rope scaling) instead of the layer's own table."""
         if x.dim() != 3 or x.shape[-1] != self.d_model:
             raise ValueError(f"x must be (batch, seq, d_model={self.d_model}), "
                              f"got {tuple(x.shape)}")
-        x = self._attend(x, attn_mask, key_padding_mask, position_ids, cache, is_causal)
+        x = self._attend(x, attn_mask, key_padding_mask, position_ids, cache, is_causal, rotary)
         return self._feed_forward(x)
 
     # The two sublayers; the fused layer replaces _attention_output, _scaled_dot_product and
     # _feed_forward.
 
-    def _attend(self, x, attn_mask, key_padding_mask, position_ids, cache, is_causal):
+    def _attend(self, x, attn_mask, key_padding_mask, position_ids, cache, is_causal, rotary):
         batch, length, _ = x.shape
         attn = self.self_attn
         q = attn.q_proj(x).view(batch, length, self.nhead, self.head_dim).transpose(1, 2)
         k = attn.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = attn.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
         past = 0 if cache is None else len(cache)
-        cos, sin = rotary_cos_sin(rotary_table(self.head_dim, self.rope_theta), position_ids,
-                                  past, length, self.max_positions, x.device, q.dtype)
+        if rotary is None:
+            cos, sin = rotary_cos_sin(rotary_table(self.head_dim, self.rope_theta), position_ids,
+                                      past, length, self.max_positions, x.device, q.dtype)
+        else:
+            cos, sin = (t.to(q.dtype)[:, None] for t in rotary)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v)
@@ -319,16 +333,17 @@ class RZLlamaLayer(nn.Module):
             mask = _additive(future.triu(1), q.dtype, "causal mask")
         if mask is not None:
             scores = scores + mask
-        return ref.dropout(torch.softmax(scores, dim=-1), p, True, keep) @ v
+        # (SDPA's softmax: zero weights, not NaN, where every key is masked)
+        return ref.dropout(torch.ops.aten._safe_softmax(scores, -1), p, True, keep) @ v
 
     def _attention_output(self, x, out):
-        return ref.rezero_linear(x, out, self.self_attn.o_proj.weight, None,
-                                 self.gate("resweight"), self.dropout_p, self.training,
-                                 self._mask("attn_out"))
+        o_proj = self.self_attn.o_proj
+        return ref.rezero_linear(x, out, o_proj.weight, o_proj.bias, self.gate("resweight"),
+                                 self.dropout_p, self.training, self._mask("attn_out"))
 
     def _feed_forward(self, x):
-        gate_up = self.mlp.gate_up_proj(x)
-        h = ref.gated_act_dropout(gate_up, self.activation_name, self.mlp_dropout, self.training,
+        gu = gate_up(self.mlp, x)
+        h = ref.gated_act_dropout(gu, self.activation_name, self.mlp_dropout, self.training,
                                   self._mask("mlp"))
         return ref.rezero_linear(x, h, self.mlp.down_proj.weight, None, self.gate("resweight_ff"),
                                  self.dropout_p, self.training, self._mask("mlp_out"))

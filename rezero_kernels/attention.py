@@ -59,7 +59,9 @@ def scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
         mask = _additive(causal_mask(q.shape[-2], k.shape[-2], q.device), q.dtype, "causal mask")
     if mask is not None:
         scores = scores + mask
-    probs = functional.bias_act_dropout(torch.softmax(scores, dim=-1), None, "identity",
+    # SDPA's own softmax: a row whose every key is masked (a left-padded query) gets zero
+    # weights, not NaN
+    probs = functional.bias_act_dropout(torch.ops.aten._safe_softmax(scores, -1), None, "identity",
                                         dropout_p, True, backend)
     return torch.matmul(probs, v)
 

@@ -12,7 +12,7 @@ gate/up GEMM's output (the compiled backends recompute the hidden from it).
 from __future__ import annotations
 
 import python_ref
-from python_ref.llama import KVCache  # noqa: F401  (rezero_kernels.KVCache)
+from python_ref.llama import KVCache, gate_up  # noqa: F401  (rezero_kernels.KVCache)
 
 from . import dispatch, functional
 from .attention import scaled_dot_product
@@ -39,12 +39,12 @@ class RZLlamaLayer(python_ref.RZLlamaLayer):
         return scaled_dot_product(q, k, v, mask, causal, p, self.backend)
 
     def _attention_output(self, x, out):
-        return functional.rezero_linear(x, out, self.self_attn.o_proj.weight, None,
-                                        self.gate("resweight"), self.dropout_p, self.training,
-                                        self.backend)
+        o_proj = self.self_attn.o_proj
+        return functional.rezero_linear(x, out, o_proj.weight, o_proj.bias, self.gate("resweight"),
+                                        self.dropout_p, self.training, self.backend)
 
     def _feed_forward(self, x):
-        return functional.rezero_gated_linear(x, self.mlp.gate_up_proj(x),
+        return functional.rezero_gated_linear(x, gate_up(self.mlp, x),
                                               self.mlp.down_proj.weight, self.gate("resweight_ff"),
                                               self.activation_name, self.mlp_dropout,
                                               self.dropout_p, self.training, self.backend)

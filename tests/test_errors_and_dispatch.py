@@ -233,3 +233,17 @@ def test_zero_dim_residual_broadcasts_like_eager(backend):
         got = F.rezero_residual(x, fx, alpha, backend=backend)
         assert got.shape == want.shape, (alpha, got.shape, want.shape)
         torch.testing.assert_close(got, want)
+
+
+def test_transformers_is_optional():
+    """The package imports without HF transformers; the integration says how to get it."""
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "import rezero_kernels\n"
+            "try:\n"
+            "    import rezero_kernels.integrations.transformers\n"
+            "except ImportError as e:\n"
+            "    print('ImportError:', e)\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "needs HF transformers: pip install transformers" in res.stdout, res.stdout

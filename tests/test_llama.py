@@ -137,13 +137,8 @@ def test_reference_is_hf_llama_decoder_layer_without_its_norms():
     theirs.input_layernorm = theirs.post_attention_layernorm = nn.Identity()
     ours = python_ref.RZLlamaLayer(32, 4, 2, 48, rope_theta=500.0, alpha_init=1.0,
                                    dtype=torch.float64)
-    a, m = theirs.self_attn, theirs.mlp
-    state = {"resweight": torch.ones(1, dtype=torch.float64),
-             **{f"self_attn.{n}.weight": getattr(a, n).weight for n in
-                ("q_proj", "k_proj", "v_proj", "o_proj")},
-             "mlp.gate_up_proj.weight": torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-             "mlp.down_proj.weight": m.down_proj.weight}
-    ours.load_state_dict(state)
+    state = {k: v for k, v in theirs.state_dict().items() if "layernorm" not in k}
+    ours.load_state_dict({**state, "resweight": torch.ones(1, dtype=torch.float64)})
     x = torch.randn(2, 9, 32, dtype=torch.float64)
     positions = torch.arange(3, 12)[None].expand(2, -1)  # offset positions
     rotary = hf.LlamaRotaryEmbedding(config).double()

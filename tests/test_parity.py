@@ -501,6 +501,19 @@ def test_transposed_weight_and_sliced_inputs(target):
     torch.testing.assert_close(F.linear_bias_act_dropout(inp, weight, bias, "gelu",
                                                          backend=target.backend),
                                python_ref.linear_bias_act_dropout(inp, weight, bias, "gelu"))
+    # and their gradients (a transposed weight is how GPT-2's Conv1D reaches the ops), with a
+    # scalar gate and enough rows for the weight-sized products
+    inp = randn(target, 40, 33).float()
+    x = randn(target, 40, 15).float()
+    grad_out = randn(target, 40, 15).float()
+    for fn in (F.rezero_linear, python_ref.rezero_linear):
+        leaves = [t.clone().requires_grad_() for t in (x, inp, weight, bias, alpha[:1])]
+        out = fn(*leaves, **({"backend": target.backend} if fn is F.rezero_linear else {}))
+        grads = torch.autograd.grad(out, leaves, grad_out)
+        if fn is F.rezero_linear:
+            got = grads
+    for g, w in zip(got, grads):
+        torch.testing.assert_close(g, w)
 
 
 def test_empty_nan_and_no_input_features(target):
