@@ -5,6 +5,7 @@
 #   ./dev.sh setup   set up only
 #   ./dev.sh oldest  the test suite on the oldest versions supported, torch 2.11 and triton 3.6
 #                    (the GPU machines' versions), in a venv of their own (about 5 GB)
+#   ./dev.sh newest  the test suite on the newest torch release (2.15), in a venv of its own
 #   ./dev.sh gpu [DIR]  on a GPU machine: build with the CUDA kernels, run the device-generic
 #                    tests on CUDA, compute-sanitizer over a CUDA subset, the GPU benchmark;
 #                    logs, JSON, PNG and versions into DIR (default bench/results/gpu)
@@ -104,15 +105,15 @@ gpu() {
   echo "dev.sh gpu: all stages passed; results in $out"
 }
 
-# The test suite on torch 2.11 with the triton it requires (3.6): the oldest versions we
-# support, and the GPU machines' ones, checked on any machine.  The venv lives in the cache
-# (PyPI's torch 2.11 is the CUDA build, with its CUDA libraries: about 5 GB, a minute to fetch);
-# numpy stays below 2.4, with which triton 3.6's interpreter cannot run.  The extension is built
-# into a copy of this working tree (uncommitted files included, the checkout's own build left
-# alone), with the CUDA kernels where nvcc is found, as on a GPU machine.
-oldest() {
-  local venv copy
-  venv=${REZERO_KERNELS_CACHE:-$HOME/.cache/rezero_kernels}/venv-torch2.11-py$("$PY" -c \
+# in_venv NAME PIP_ENV TORCH NUMPY: the test suite in a venv of its own (under the cache; PyPI's
+# torch is the CUDA build, with its CUDA libraries: several GB, a minute or two to fetch), with
+# TORCH and NUMPY installed there (PIP_ENV: a VAR=value for its installs, e.g. a pip
+# configuration to ignore) and the extension built into a copy of this working tree (uncommitted
+# files included, the checkout's own build left alone), with the CUDA kernels where nvcc is
+# found, as on a GPU machine.
+in_venv() {
+  local name=$1 pip_env=$2 torch_req=$3 numpy_req=$4 venv copy
+  venv=${REZERO_KERNELS_CACHE:-$HOME/.cache/rezero_kernels}/venv-$name-py$("$PY" -c \
     "import sys; print('%d.%d' % sys.version_info[:2])")
   [ -x "$venv/bin/python" ] || { "$PY" -m venv "$venv" && "$venv/bin/pip" install -q -U pip; }
   copy=$(mktemp -d)
@@ -124,10 +125,24 @@ oldest() {
   fi
   # (a subshell tested by || ignores set -e: hence the &&; the install tests build too)
   ( cd "$copy" && export CUDA_HOME=$cuda_home REZERO_CUDA_ARCH=${REZERO_CUDA_ARCH:-90} &&
-    install_here "$venv/bin/python" "torch==2.11.0" "numpy<2.4" &&
+    { [ -z "$pip_env" ] || export "${pip_env?}"; } &&
+    install_here "$venv/bin/python" "$torch_req" "$numpy_req" &&
     "$venv/bin/python" -m pytest tests -q -p no:cacheprovider ) || rc=$?
   rm -rf "$copy"
   return $rc
+}
+
+# The oldest versions we support, and the GPU machines' ones, checked on any machine: torch 2.11
+# with the triton it requires (3.6), numpy below 2.4, with which triton 3.6's interpreter cannot
+# run (about 5 GB).
+oldest() { in_venv torch2.11 "" "torch==2.11.0" "numpy<2.4"; }
+
+# The newest torch release (2.15 as written; NEWEST_TORCH overrides), whatever the pip
+# configuration of this machine caps torch at: its constraint file is ignored for that one
+# install (PIP_CONFIG_FILE=/dev/null).  About 3 GB.
+newest() {
+  in_venv "torch${NEWEST_TORCH:-2.15.0}" "PIP_CONFIG_FILE=/dev/null" \
+    "torch==${NEWEST_TORCH:-2.15.0}" "numpy"
 }
 
 case "${1:-}" in
@@ -135,6 +150,7 @@ case "${1:-}" in
   demo) setup; "$PY" -m bench --quick ;;
   test) setup; "$PY" -m pytest tests -q -p no:cacheprovider ;;
   oldest) oldest ;;
+  newest) newest ;;
   gpu) gpu "${2:-}" ;;
-  *) echo "usage: ./dev.sh {setup|demo|test|oldest|gpu [DIR]}" >&2; exit 2 ;;
+  *) echo "usage: ./dev.sh {setup|demo|test|oldest|newest|gpu [DIR]}" >&2; exit 2 ;;
 esac

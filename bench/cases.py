@@ -41,6 +41,7 @@ import rezero_kernels as rzk
 from rezero_kernels import functional as fused
 
 from . import roofline, timing
+from .llama_baselines import PreNormLlama
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 OPS = ("rezero_residual", "bias_act_dropout", "gated_act_dropout", "rezero_linear")
@@ -428,38 +429,6 @@ TINY_LLAMA = LlamaShape(32, 4, 2, 48, 2, 8)
 LLAMA_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16}  # amp: torch.autocast on the device
 
 
-class PreNormLlama(nn.Module):
-    """The layer a user trains without ReZero, written out in plain PyTorch (the baseline when HF
-    ``transformers`` is absent): ``x + Attn(RMSNorm(x))``, then ``x + MLP(RMSNorm(x))``, with a
-    ``python_ref.RZLlamaLayer``'s projections, RoPE and SDPA, SiLU, no dropout."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        dev, dt = layer.resweight.device, layer.resweight.dtype
-        self.input_layernorm = nn.RMSNorm(layer.d_model, eps=1e-6, device=dev, dtype=dt)
-        self.post_attention_layernorm = nn.RMSNorm(layer.d_model, eps=1e-6, device=dev, dtype=dt)
-
-    def forward(self, x):
-        from python_ref import llama
-        r, a = self.layer, self.layer.self_attn
-        batch, length, _ = x.shape
-        h = self.input_layernorm(x)
-
-        def heads(t, n):
-            return t.view(batch, length, n, r.head_dim).transpose(1, 2)
-        q, k, v = heads(a.q_proj(h), r.nhead), heads(a.k_proj(h), r.num_kv_heads), \
-            heads(a.v_proj(h), r.num_kv_heads)
-        cos, sin = llama.rotary_cos_sin(llama.rotary_table(r.head_dim, r.rope_theta), None, 0,
-                                        length, r.max_positions, x.device, q.dtype)
-        q, k = llama.apply_rotary(q, cos, sin), llama.apply_rotary(k, cos, sin)
-        o = nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                       enable_gqa=r.num_kv_heads != r.nhead)
-        x = x + a.o_proj(o.transpose(1, 2).reshape(batch, length, -1))
-        h = self.post_attention_layernorm(x)
-        return x + r.mlp.down_proj(nn.functional.silu(r.mlp.gate_proj(h)) * r.mlp.up_proj(h))
-
-
 # the layer a user would otherwise train: HF's, or the plain equivalent, named as such
 _PRENORM = ("hf.Llama" if importlib.util.find_spec("transformers") is not None
             else "prenorm(plain)")
@@ -574,6 +543,57 @@ def _make_llama_case(depth, dtype, p):
     return case
 
 
+HF_MODEL = dict(vocab_size=4096, hidden_size=512, num_attention_heads=8, num_key_value_heads=2,
+                intermediate_size=1408, num_hidden_layers=12)
+HF_BATCH, HF_SEQ = 4, 256
+
+
+def _make_hf_case(dtype):
+    """A whole HF ``LlamaForCausalLM`` training step (loss + backward), converted by
+    ``rezero_`` against the model as HF builds it (pre-RMSNorm, SDPA)."""
+    name = f"hf/llama12/train/{dtype}"
+    amp = LLAMA_DTYPES[dtype]
+
+    def build(cfg: Config, only=None) -> Built:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from rezero_kernels.integrations.transformers import rezero_
+        want = case.variant_names(cfg, only)
+        kw = dict(HF_MODEL, num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                  vocab_size=256) if cfg.tiny else HF_MODEL
+        config = LlamaConfig(**kw)
+        config._attn_implementation = "sdpa"
+        torch.manual_seed(cfg.seed)
+        hf = LlamaForCausalLM(config).to(cfg.device).train()
+        batch, seq = (2, 16) if cfg.tiny else (HF_BATCH, HF_SEQ)
+        ids = torch.randint(0, config.vocab_size, (batch, seq), device=cfg.device)
+        built = Built({}, tokens=batch * seq,
+                      shape=f"12 layers d512 h8 kv2 hidden1408, vocab {config.vocab_size}, "
+                            f"{batch}x{seq} tokens, dropout 0",
+                      note="training step = loss (labels = inputs) + autograd.grad w.r.t. all "
+                           "parameters; ours/eager = rezero_(model, backend=cpu/torch), "
+                           "alpha 0.5; hf.Llama = the unconverted model")
+        for v in want:
+            model = copy.deepcopy(hf)
+            if v != "hf.Llama":
+                backend = v[len("rezero["):-1] if v.startswith("rezero[") else "torch"
+                rezero_(model, alpha_init=0.5, backend=backend)
+            params = [q for q in model.parameters() if q.requires_grad]
+
+            def forward(model=model):
+                with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                    return model(ids, labels=ids).loss
+
+            built.variants[v] = lambda forward=forward, params=params: torch.autograd.grad(
+                forward(), params)
+            built.saved[v] = (forward, params)
+        return built
+
+    case = Case(name, "hf", f"HF LlamaForCausalLM (12 layers) training step {dtype}",
+                {"depth": 12, "mode": "train", "dtype": dtype}, ("eager", "hf.Llama"), build)
+    return case
+
+
 # ---------------------------------------------------------------------------------------------
 # deep fully connected ReZero nets (the paper's 10,000-layer claim): host-bound
 
@@ -654,6 +674,8 @@ def all_cases() -> list:
     cases += [_make_fc_case(d, w) for d in FC_DEPTHS for w in FC_WIDTHS]
     cases += [_make_llama_case(d, dt, p) for d in LLAMA_STACK for dt in LLAMA_DTYPES
               for p in DROPOUTS]
+    if importlib.util.find_spec("transformers") is not None:
+        cases += [_make_hf_case(dt) for dt in LLAMA_DTYPES]
     return headline_first(cases)
 
 

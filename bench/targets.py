@@ -162,7 +162,7 @@ def _ratio(out, name, rows, case, base, need, at_most=False):
 def _llama_targets(rows) -> list:
     """RZLlamaLayer and gated_act_dropout (the Llama-layer issue's table), when a run has any of
     their cases."""
-    if not any(r["case"].startswith(("llama/", "op/gated", "host/gated")) for r in rows):
+    if not any(r["case"].startswith(("llama/", "op/gated", "host/gated", "hf/")) for r in rows):
         return []
     out = []
     layer = "llama/layer/train/{}/p{}"
@@ -178,12 +178,25 @@ def _llama_targets(rows) -> list:
                case, prenorm, 1.05)
         _ratio(out, f"64-layer Llama stack train step, {dt}, p 0 >= 1.3x torch.compile of the "
                "reference", rows, f"llama/stack64/train/{dt}/p0", "compiled", 1.3)
-    ref, ours = _row(rows, layer.format("fp32", "0"), "eager"), _ours(rows, layer.format("fp32", "0"))
+    case = layer.format("fp32", "0")
+    ref, ours = _row(rows, case, "eager"), _ours(rows, case)
     for r in ours if ref and ref.get("saved_bytes_per_layer") else ():
         a, b = r["saved_bytes_per_layer"], ref["saved_bytes_per_layer"]
         out.append(_check("Llama layer saved-for-backward <= 0.6x backend=torch", r["variant"],
                           f"{a / 2**20:.2f} MiB vs {b / 2**20:.2f} MiB ({a / b:.2f}x)", "<= 0.6x",
                           a <= 0.6 * b, f"{a / b - 0.6:.2f}x over"))
+    for dt in ("fp32", "amp-bf16"):
+        case = f"hf/llama12/train/{dt}"
+        _ratio(out, f"rezero_'d 12-layer HF LlamaForCausalLM train step, {dt} >= 1.05x the "
+               "unconverted model", rows, case, "hf.Llama", 1.05)
+        ours, hf = _ours(rows, case), _row(rows, case, "hf.Llama")
+        for r in ours if hf and hf.get("saved_bytes_per_layer") else ():
+            a, b = r["saved_bytes_per_layer"], hf["saved_bytes_per_layer"]
+            out.append(_check(f"rezero_'d HF Llama saved-for-backward, {dt} <= 0.7x the "
+                              "unconverted model's", r["variant"],
+                              f"{a / 2**20:.2f} MiB vs {b / 2**20:.2f} MiB per layer "
+                              f"({a / b:.2f}x)", "<= 0.7x", a <= 0.7 * b,
+                              f"{a / b - 0.7:.2f}x over"))
     for dt in ("fp32", "bf16"):
         for p, need in (("0.1", 3.0), ("0", 1.3)):
             _ratio(out, f"gated_act_dropout fwd+bwd {dt} 32 MiB p {p} >= {need:g}x eager", rows,

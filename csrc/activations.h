@@ -131,7 +131,8 @@ REZERO_HOST_DEVICE void activation(V z, V* value, V* grad) {
     const V t = O::tanh(k0 * (z + k1 * z * z * z));
     if constexpr (kValue) *value = half * z * (one + t);
     if constexpr (kGrad)
-      *grad = half * (one + t) + half * z * (one - t * t) * k0 * (one + O::constant(3) * k1 * z * z);
+      *grad = half * (one + t) +
+              half * z * (one - t * t) * k0 * (one + O::constant(3) * k1 * z * z);
   } else if constexpr (kAct == Act::kSilu) {
     // z s, s = 1 / (1 + exp(-z));  s (1 + z (1 - s))  (torch's silu / silu_backward)
     const V s = one / (one + O::exp(O::constant(0) - z));

@@ -34,7 +34,9 @@ void check_args(const at::Tensor& x, const at::Tensor& gate_up, const at::Tensor
               "gate_up and weight must share one dtype");
 }
 
-at::Tensor zeros_of(const at::Tensor& weight) { return at::zeros({weight.size(0)}, weight.options()); }
+at::Tensor zeros_of(const at::Tensor& weight) {
+  return at::zeros({weight.size(0)}, weight.options());
+}
 
 at::Tensor gated_linear_residual(const at::Tensor& x, const at::Tensor& gate_up,
                                  const at::Tensor& weight, const at::Tensor& alpha,

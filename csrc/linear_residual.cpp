@@ -106,7 +106,8 @@ TensorQuad linear_residual_backward(const at::Tensor& grad, const at::Tensor& in
   if (mask[0])
     grad_inp = with_sizes(at::mm(dy2, in_type(weight * alpha_rows, dtype)), inp.sizes());
   if (mask[3] && scalar)
-    grad_alpha = (at::dot(in_type(weight, math).reshape(-1), g.view(-1)) + bias_term()).reshape({1});
+    grad_alpha =
+        (at::dot(in_type(weight, math).reshape(-1), g.view(-1)) + bias_term()).reshape({1});
   else if (mask[3])
     grad_alpha = (in_type(weight, math) * g).sum(1) + in_type(bias, math) * colsum;
   if (mask[1]) grad_weight = in_type(g * alpha_rows, dtype);

@@ -202,11 +202,42 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False, **factory)
 
 
+class _StackedLinear(torch.autograd.Function):
+    """``x @ cat([a, b]).T`` that does not keep the stacked weight for backward (F.linear on it
+    would, a weight-sized tensor per layer): backward stacks it again.  Under autocast the
+    forward GEMM runs in the autocast dtype; backward computes in the gradient's dtype and
+    returns each gradient in its input's dtype, as autocast's F.linear does."""
+
+    @staticmethod
+    def forward(ctx, x, a, b):
+        ctx.save_for_backward(x, a, b)
+        return F.linear(x, torch.cat([a, b]))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, a, b = ctx.saved_tensors
+        dt = grad.dtype
+        grad_x = grad_a = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grad @ torch.cat([a, b]).to(dt)).to(x.dtype)
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            g2 = grad.reshape(-1, grad.shape[-1])
+            grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)
+            grad_a, grad_b = (g.to(a.dtype) for g in grad_w.split([a.shape[0], b.shape[0]]))
+        return grad_x, grad_a, grad_b
+
+
+def stacked_linear(x, a, b):
+    """``x @ cat([a, b]).T`` as one GEMM, the stacked weight (a weight-sized copy per call) not
+    kept for backward."""
+    return _StackedLinear.apply(x, a, b)
+
+
 def gate_up(mlp, x):
-    """``[gate(x) | up(x)]`` from one GEMM on ``mlp``'s two weights stacked (a weight-sized copy,
-    whose backward only splits the gradient): the gated activation's input.  ``mlp`` is a
-    ``GatedMLP`` or any module with ``gate_proj`` and ``up_proj`` linears (HF's ``LlamaMLP``)."""
-    return F.linear(x, torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+    """``[gate(x) | up(x)]`` from one GEMM on ``mlp``'s two weights stacked: the gated
+    activation's input.  ``mlp`` is a ``GatedMLP`` or any module with bias-free ``gate_proj``
+    and ``up_proj`` linears (HF's ``LlamaMLP``)."""
+    return stacked_linear(x, mlp.gate_proj.weight, mlp.up_proj.weight)
 
 
 _GATES = ("resweight", "resweight_ff")
@@ -294,14 +325,24 @@ class RZLlamaLayer(nn.Module):
         return self._feed_forward(x)
 
     # The two sublayers; the fused layer replaces _attention_output, _scaled_dot_product and
-    # _feed_forward.
+    # _feed_forward, the tensor-parallel one (rezero_kernels.parallel) also _sublayer_input
+    # and _project.
+
+    def _sublayer_input(self, x):
+        return x
+
+    def _project(self, linear, inp):
+        return linear(inp)
 
     def _attend(self, x, attn_mask, key_padding_mask, position_ids, cache, is_causal, rotary):
-        batch, length, _ = x.shape
+        inp = self._sublayer_input(x)
+        batch, length, _ = inp.shape
         attn = self.self_attn
-        q = attn.q_proj(x).view(batch, length, self.nhead, self.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
+
+        def heads(proj):  # (batch, heads, length, head_dim)
+            return self._project(proj, inp).view(batch, length, -1, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(attn.q_proj), heads(attn.k_proj), heads(attn.v_proj)
         past = 0 if cache is None else len(cache)
         if rotary is None:
             cos, sin = rotary_cos_sin(rotary_table(self.head_dim, self.rope_theta), position_ids,

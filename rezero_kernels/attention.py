@@ -66,25 +66,21 @@ def scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
     return torch.matmul(probs, v)
 
 
-def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, training, *,
-                     attn_mask=None, key_padding_mask=None, is_causal=False, backend="auto"):
-    """``x + alpha * dropout(MHA(x, kv, kv))`` with ``attn``'s weights, in ``x``'s layout."""
-    batch_first = attn.batch_first
-    if x.dim() != 3 or kv.dim() != 3:
-        raise ValueError(f"expected 3-D inputs, got {tuple(x.shape)} and {tuple(kv.shape)}")
-    embed, heads = attn.embed_dim, attn.num_heads
-    if x.shape[-1] != embed or kv.shape[-1] != embed:
-        raise ValueError(f"inputs' last dimension must be d_model={embed}, "
-                         f"got {x.shape[-1]} and {kv.shape[-1]}")
-    w, b = attn.in_proj_weight, attn.in_proj_bias
+def multi_head_attention(x, kv, in_weight, in_bias, heads, batch_first, dropout_p, *,
+                         attn_mask=None, key_padding_mask=None, is_causal=False, backend="auto"):
+    """Attention of ``x`` over ``kv`` with the packed ``[q; k; v]`` in-projection
+    ``in_weight`` (3 * width, d_model) and ``in_bias``, ``heads`` heads of ``width // heads``,
+    before the output projection: (.., width) in ``x``'s layout."""
+    width = in_weight.shape[0] // 3
     if kv is x:
-        q, k, v = F.linear(x, w, b).chunk(3, dim=-1)
+        q, k, v = F.linear(x, in_weight, in_bias).chunk(3, dim=-1)
     else:
-        q = F.linear(x, w[:embed], b[:embed])
-        k, v = F.linear(kv, w[embed:], b[embed:]).chunk(2, dim=-1)
+        b_q, b_kv = (None, None) if in_bias is None else (in_bias[:width], in_bias[width:])
+        q = F.linear(x, in_weight[:width], b_q)
+        k, v = F.linear(kv, in_weight[width:], b_kv).chunk(2, dim=-1)
 
     def heads_view(t):  # (N, L, E) or (L, N, E) -> (N, H, L, D), a view
-        t = t.unflatten(-1, (heads, embed // heads))
+        t = t.unflatten(-1, (heads, width // heads))
         return t.permute(0, 2, 1, 3) if batch_first else t.permute(1, 2, 0, 3)
 
     q, k, v = heads_view(q), heads_view(k), heads_view(v)
@@ -95,8 +91,26 @@ def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, train
         attn_mask = causal_mask(q_len, k_len, x.device)
     mask = None if causal else merged_mask(attn_mask, key_padding_mask, batch, heads, q_len,
                                            k_len, q.dtype)
-    out = scaled_dot_product(q, k, v, mask, causal, attn.dropout if training else 0.0, backend)
+    out = scaled_dot_product(q, k, v, mask, causal, dropout_p, backend)
     out = out.permute(0, 2, 1, 3) if batch_first else out.permute(2, 0, 1, 3)
-    out = out.flatten(-2)
+    return out.flatten(-2)
+
+
+def check_inputs(x, kv, embed):
+    if x.dim() != 3 or kv.dim() != 3:
+        raise ValueError(f"expected 3-D inputs, got {tuple(x.shape)} and {tuple(kv.shape)}")
+    if x.shape[-1] != embed or kv.shape[-1] != embed:
+        raise ValueError(f"inputs' last dimension must be d_model={embed}, "
+                         f"got {x.shape[-1]} and {kv.shape[-1]}")
+
+
+def rezero_attention(x, kv, attn: nn.MultiheadAttention, alpha, dropout_p, training, *,
+                     attn_mask=None, key_padding_mask=None, is_causal=False, backend="auto"):
+    """``x + alpha * dropout(MHA(x, kv, kv))`` with ``attn``'s weights, in ``x``'s layout."""
+    check_inputs(x, kv, attn.embed_dim)
+    out = multi_head_attention(x, kv, attn.in_proj_weight, attn.in_proj_bias, attn.num_heads,
+                               attn.batch_first, attn.dropout if training else 0.0,
+                               attn_mask=attn_mask, key_padding_mask=key_padding_mask,
+                               is_causal=is_causal, backend=backend)
     return functional.rezero_linear(x, out, attn.out_proj.weight, attn.out_proj.bias, alpha,
                                     dropout_p, training, backend)

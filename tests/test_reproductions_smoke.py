@@ -82,3 +82,10 @@ def test_depth_smoke(run_script):
     _check_outputs(out, "depth", 2)
     if _has("matplotlib"):
         assert (out / "depth_alpha.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.skipif(not _has("gensim"), reason="needs gensim (ships the Wikipedia excerpt)")
+def test_deep_lm_smoke(run_script):
+    out = run_script("reproduce_deep_lm")
+    _check_outputs(out, "deep_lm", 4)
+    assert (out / "deep_lm_curves.csv").read_text().startswith("variant,seed,iteration")
