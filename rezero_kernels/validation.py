@@ -14,7 +14,22 @@ def tensor(name: str, t) -> torch.Tensor:
     return t
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def not_distributed(tensors: dict) -> None:
+    """The ops take plain tensors: a DTensor (a sharded or replicated parameter, or activation)
+    gets an error that says what to use instead of torch's generic mixed-tensor one."""
+    for name, t in tensors.items():
+        if type(t) not in _PLAIN and any(c.__name__ == "DTensor" for c in type(t).__mro__):
+            raise TypeError(f"{name} is a DTensor: rezero_kernels' fused ops take plain tensors; "
+                            "shard the fused layers with rezero_kernels.parallel."
+                            "tensor_parallel, whose layers call them on each rank's local "
+                            "shards")
+
+
 def same_device(**tensors: torch.Tensor) -> torch.device:
+    not_distributed(tensors)
     devices = {name: t.device for name, t in tensors.items()}
     first = next(iter(devices.values()))
     if any(d != first for d in devices.values()):

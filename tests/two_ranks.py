@@ -1,6 +1,6 @@
-"""What the data-parallel tests share (test_ddp.py, test_fsdp.py): a small net of our layers,
-its data, its training loop, and two gloo ranks on CPU (loopback only) run with
-torch.multiprocessing.spawn.  A parallel run trains on each rank's half of every batch; the
+"""What the distributed tests share (test_ddp.py, test_fsdp.py, test_tensor_parallel.py): a
+small net of our layers, its data, its training loop, and gloo ranks on CPU (loopback only,
+two unless told) run with torch.multiprocessing.spawn.  A parallel run trains on each rank's half of every batch; the
 reference trains one process on the whole batch."""
 import datetime
 import os
@@ -72,10 +72,10 @@ def rank_rows(rank):
     return slice(rank * per_rank, (rank + 1) * per_rank)
 
 
-def init_rank(rank, port):
+def init_rank(rank, port, world=WORLD):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD, timeout=datetime.timedelta(seconds=TIMEOUT_S))
+                            world_size=world, timeout=datetime.timedelta(seconds=TIMEOUT_S))
 
 
 def _free_port():
@@ -84,16 +84,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def run_ranks(worker, out_dir, monkeypatch):
-    """worker(rank, port, out_dir) on WORLD processes; fails the test if they do not finish."""
+def run_ranks(worker, out_dir, monkeypatch, world=WORLD, timeout_s=TIMEOUT_S):
+    """worker(rank, port, out_dir) on ``world`` processes; fails the test if they do not
+    finish within ``timeout_s``."""
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    ctx = mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + TIMEOUT_S
+    ctx = mp.spawn(worker, args=(_free_port(), str(out_dir)), nprocs=world, join=False)
+    deadline = time.monotonic() + timeout_s
     try:
         while not ctx.join(timeout=max(0.1, deadline - time.monotonic())):
             if time.monotonic() > deadline:
-                pytest.fail(f"workers did not finish within {TIMEOUT_S} s")
+                pytest.fail(f"workers did not finish within {timeout_s} s")
     finally:
         for proc in ctx.processes:
             if proc.is_alive():
