@@ -44,6 +44,10 @@ from . import roofline, timing
 from .llama_baselines import PreNormLlama
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# layers' and stacks' training dtypes: (the parameters' and inputs' dtype, the autocast dtype);
+# amp-bf16 is torch.autocast(bfloat16) around float32 parameters, bf16 is everything in bfloat16
+TRAIN_DTYPES = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
+                "amp-bf16": (torch.float32, torch.bfloat16)}
 OPS = ("rezero_residual", "bias_act_dropout", "gated_act_dropout", "rezero_linear")
 HOST_OPS = OPS + ("linear_bias_act_dropout", "rezero_fc")
 HOST_SIZES = {"8x8": (8, 8), "64x256": (64, 256)}  # host-bound: the kernels cost next to nothing
@@ -306,15 +310,26 @@ def _make_layer(variant, kind, s, device, reference, dtype=torch.float32):
     raise ValueError(variant)
 
 
-def _layer_call(model, args, train: bool, grad_out):
+def autocast(device, amp):
+    """torch.autocast to ``amp`` on ``device``, or nothing when ``amp`` is None."""
+    return torch.autocast(device, dtype=amp, enabled=amp is not None)
+
+
+def _layer_call(model, args, train: bool, grad_out, amp=None):
+    device = args[0].device.type
     if train:
         inputs = [a for a in args if a.requires_grad] + [p for p in model.parameters()
                                                           if p.requires_grad]
         unused = isinstance(model, roofline.LayerFloor)  # the floor leaves the ReZero gates out
-        return lambda: torch.autograd.grad(model(*args), inputs, grad_out, allow_unused=unused)
+
+        def step():
+            with autocast(device, amp):
+                out = model(*args)
+            return torch.autograd.grad(out, inputs, grad_out, allow_unused=unused)
+        return step
 
     def infer():
-        with torch.no_grad():
+        with torch.no_grad(), autocast(device, amp):
             return model(*args)
     return infer
 
@@ -322,7 +337,7 @@ def _layer_call(model, args, train: bool, grad_out):
 def _make_layer_case(kind, mode, dtype="fp32"):
     name = f"layer/{kind}/{mode}/{dtype}"
     title = f"{kind} layer {'training step' if mode == 'train' else 'inference'} {dtype}"
-    dt = DTYPES[dtype]
+    dt, amp = TRAIN_DTYPES[dtype]
 
     def build(cfg: Config, only=None) -> Built:
         s = TINY_LAYER if cfg.tiny else LAYER
@@ -342,12 +357,15 @@ def _make_layer_case(kind, mode, dtype="fp32"):
             model.train(train)
             if v == "compiled":
                 model = torch.compile(model, dynamic=False)
-            call = _layer_call(model, args, train, grad_out)
+            call = _layer_call(model, args, train, grad_out, amp)
             if v == "compiled":
                 built.compile_s[v] = timing.once(call, cfg.device)
             built.variants[v] = call
             if train and v not in ("compiled", "floor"):
-                built.saved[v] = (lambda model=model: model(*args), list(model.parameters()))
+                def forward(model=model):
+                    with autocast(cfg.device, amp):
+                        return model(*args)
+                built.saved[v] = (forward, list(model.parameters()))
         return built
 
     case = Case(name, "layer", title, {"kind": kind, "mode": mode, "dtype": dtype},
@@ -365,7 +383,7 @@ def stack_shape(depth: int, tiny: bool) -> LayerShape:
 
 def _make_stack_case(depth, dtype="fp32", shape=None, tag=""):
     name = f"stack/encoder{depth}{tag}/train/{dtype}"
-    dt = DTYPES[dtype]
+    dt, amp = TRAIN_DTYPES[dtype]
 
     def layer_shape(tiny):
         return TINY_STACK if tiny else (shape or stack_shape(depth, tiny))
@@ -388,12 +406,15 @@ def _make_stack_case(depth, dtype="fp32", shape=None, tag=""):
                 for layer in layers:
                     layer.compile(dynamic=False)  # all layers share one compiled graph
             model = nn.Sequential(*layers).train()
-            call = _layer_call(model, (x,), True, grad_out)
+            call = _layer_call(model, (x,), True, grad_out, amp)
             if v == "compiled":
                 built.compile_s[v] = timing.once(call, cfg.device)
             built.variants[v] = call
             if v != "compiled":
-                built.saved[v] = (lambda model=model: model(x), list(model.parameters()))
+                def forward(model=model):
+                    with autocast(cfg.device, amp):
+                        return model(x)
+                built.saved[v] = (forward, list(model.parameters()))
         return built
 
     case = Case(name, "stack", title, {"depth": depth, "mode": "train", "dtype": dtype},
@@ -426,7 +447,7 @@ class LlamaShape:
 LLAMA = LlamaShape(512, 8, 2, 1408, 8, 128)
 LLAMA_STACK = {1: LLAMA, 12: LLAMA, 64: LlamaShape(512, 8, 2, 1408, 2, 128)}
 TINY_LLAMA = LlamaShape(32, 4, 2, 48, 2, 8)
-LLAMA_DTYPES = {"fp32": None, "amp-bf16": torch.bfloat16}  # amp: torch.autocast on the device
+HF_DTYPES = ("fp32", "amp-bf16")  # the HF model's cases (of TRAIN_DTYPES)
 
 
 # the layer a user would otherwise train: HF's, or the plain equivalent, named as such
@@ -470,7 +491,7 @@ def _make_llama_case(depth, dtype, p):
     name = f"llama/{what}/train/{dtype}/p{p:g}"
     title = (f"Llama-style {'layer' if depth == 1 else f'{depth}-layer stack'} training step "
              f"{dtype} p={p:g}")
-    amp = LLAMA_DTYPES[dtype]
+    dt, amp = TRAIN_DTYPES[dtype]
     # the layer a user would otherwise train (its own dropout is attention-only: compared at p 0)
     others = (_PRENORM,) if p == 0 else ()
     floor = ("floor",) if depth == 1 else ()
@@ -480,35 +501,37 @@ def _make_llama_case(depth, dtype, p):
         d = min(depth, 2) if cfg.tiny else depth
         want = case.variant_names(cfg, only)
         torch.manual_seed(cfg.seed)
-        kw = dict(s.kwargs(), dropout=p, attn_dropout=p, mlp_dropout=p, device=cfg.device)
+        kw = dict(s.kwargs(), dropout=p, attn_dropout=p, mlp_dropout=p, device=cfg.device,
+                  dtype=dt)
         refs = [python_ref.RZLlamaLayer(**kw, alpha_init=0.5) for _ in range(d)]
-        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device)
+        x = torch.randn(s.batch, s.seq, s.d_model, device=cfg.device, dtype=dt)
         grad_out = torch.randn_like(x)
         # the rotary table every layer shares: state like the parameters, not activations
         table = python_ref.llama.rotary_table(refs[0].head_dim, refs[0].rope_theta)
-        shared = [t for dt in (torch.float32, amp or torch.float32)
-                  for t in table.get(refs[0].max_positions, torch.device(cfg.device), dt)]
+        shared = [t for table_dt in {dt, amp or dt}
+                  for t in table.get(refs[0].max_positions, torch.device(cfg.device), table_dt)]
         built = Built({}, tokens=s.batch * s.seq, shape=f"{d} layer(s), {s.text(p)}",
                       note="training step = forward + autograd.grad w.r.t. all parameters "
                            "(no optimizer); amp-bf16 = torch.autocast(bfloat16) around fp32 "
-                           "parameters; p = residual, attention and MLP dropout; hf.Llama = HF "
+                           "parameters, bf16 = bfloat16 parameters; p = residual, attention and MLP dropout; hf.Llama = HF "
                            "transformers' LlamaDecoderLayer (pre-RMSNorm; prenorm(plain): the "
                            "same written out, when transformers is absent), at p = 0 only")
         for v in want:
             if v == "floor":
-                hidden = torch.randn(s.batch, s.seq, s.hidden, device=cfg.device,
+                hidden = torch.randn(s.batch, s.seq, s.hidden, device=cfg.device, dtype=dt,
                                      requires_grad=True)
                 model = roofline.LlamaFloor(refs[0], hidden)
                 params = [x, hidden] + [q for q in refs[0].parameters() if q.dim() > 1]
-                grads = (grad_out, torch.randn(s.batch, s.seq, 2 * s.hidden, device=cfg.device))
+                grads = (grad_out, torch.randn(s.batch, s.seq, 2 * s.hidden, device=cfg.device,
+                                               dtype=amp or dt))
 
                 def call(model=model, params=params, grads=grads):
-                    with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                    with autocast(cfg.device, amp):
                         return torch.autograd.grad(model(x), params, grads)
                 built.variants[v] = call
                 continue
             if v == "hf.Llama":
-                model = HFStack(*_hf_llama_layers(s, d, p, cfg.device, torch.float32))
+                model = HFStack(*_hf_llama_layers(s, d, p, cfg.device, dt))
             elif v == "prenorm(plain)":
                 model = nn.Sequential(*[PreNormLlama(copy.deepcopy(r)) for r in refs])
             elif v.startswith("rezero["):
@@ -524,7 +547,7 @@ def _make_llama_case(depth, dtype, p):
             inputs = [x.requires_grad_()] + list(model.parameters())
 
             def call(model=model, inputs=inputs):
-                with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                with autocast(cfg.device, amp):
                     out = model(x)
                 return torch.autograd.grad(out, inputs, grad_out)
             if v == "compiled":
@@ -532,7 +555,7 @@ def _make_llama_case(depth, dtype, p):
             built.variants[v] = call
             if v != "compiled":
                 def forward(model=model):
-                    with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                    with autocast(cfg.device, amp):
                         return model(x)
                 built.saved[v] = (forward, list(model.parameters()) + shared)
         return built
@@ -552,7 +575,7 @@ def _make_hf_case(dtype):
     """A whole HF ``LlamaForCausalLM`` training step (loss + backward), converted by
     ``rezero_`` against the model as HF builds it (pre-RMSNorm, SDPA)."""
     name = f"hf/llama12/train/{dtype}"
-    amp = LLAMA_DTYPES[dtype]
+    amp = TRAIN_DTYPES[dtype][1]
 
     def build(cfg: Config, only=None) -> Built:
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -581,7 +604,7 @@ def _make_hf_case(dtype):
             params = [q for q in model.parameters() if q.requires_grad]
 
             def forward(model=model):
-                with torch.autocast(cfg.device, dtype=amp, enabled=amp is not None):
+                with autocast(cfg.device, amp):
                     return model(ids, labels=ids).loss
 
             built.variants[v] = lambda forward=forward, params=params: torch.autograd.grad(
@@ -668,14 +691,14 @@ def all_cases() -> list:
     cases += [_make_op_case(op, mode, "fp32", size, p) for op in HOST_OPS
               for mode in ("fwd", "fwd+bwd") for size in HOST_SIZES for p in DROPOUTS]
     cases += [_make_layer_case(kind, mode, dt) for kind in ("encoder", "decoder")
-              for mode in ("train", "infer") for dt in DTYPES]
-    cases += [_make_stack_case(d, dt) for d in DEPTHS for dt in DTYPES]
+              for mode in ("train", "infer") for dt in TRAIN_DTYPES]
+    cases += [_make_stack_case(d, dt) for d in DEPTHS for dt in TRAIN_DTYPES]
     cases += [_make_stack_case(64, "fp32", STACK_NARROW, "-d64")]
     cases += [_make_fc_case(d, w) for d in FC_DEPTHS for w in FC_WIDTHS]
-    cases += [_make_llama_case(d, dt, p) for d in LLAMA_STACK for dt in LLAMA_DTYPES
+    cases += [_make_llama_case(d, dt, p) for d in LLAMA_STACK for dt in TRAIN_DTYPES
               for p in DROPOUTS]
     if importlib.util.find_spec("transformers") is not None:
-        cases += [_make_hf_case(dt) for dt in LLAMA_DTYPES]
+        cases += [_make_hf_case(dt) for dt in HF_DTYPES]
     return headline_first(cases)
 
 
@@ -687,8 +710,8 @@ HEADLINE = (
     "fc/depth1000/width64/train/fp32",
 )
 # ``--quick``: the headline, the roofline of the residual forward, the host-bound cases of the
-# issue targets, the 64-layer stacks, a Llama-style layer in fp32 with dropout and in bf16, and
-# the gated activation.
+# issue targets, the 64-layer stacks, a Llama-style layer in fp32 with dropout and in bf16, the
+# encoder layer in bf16 autocast, and the gated activation.
 QUICK = HEADLINE + (
     "op/rezero_residual/fwd/fp32/large/p0",
     "host/rezero_residual/fwd+bwd/fp32/8x8/p0",
@@ -697,6 +720,7 @@ QUICK = HEADLINE + (
     "stack/encoder64/train/fp32",
     "llama/layer/train/fp32/p0.1",
     "llama/layer/train/amp-bf16/p0",
+    "layer/encoder/train/amp-bf16",
     "op/gated_act_dropout/fwd+bwd/fp32/large/p0.1",
 )
 # ``--gpu``: what a GPU run measures (bench/results/gpu/), in about three minutes: bandwidth of

@@ -127,6 +127,7 @@ def evaluate(rows) -> list:
                               f"{need - s:.2f}x short"))
 
     out += _llama_targets(rows)
+    out += _bf16_targets(rows)
 
     # bytes saved for backward per layer below the reference's
     for case in sorted({r["case"] for r in rows if r.get("saved_bytes_per_layer") is not None}):
@@ -204,4 +205,42 @@ def _llama_targets(rows) -> list:
     for p in ("0", "0.1"):
         _ratio(out, f"gated_act_dropout fwd+bwd 8x8 p {p} >= 1.5x eager", rows,
                f"host/gated_act_dropout/fwd+bwd/fp32/8x8/p{p}", "eager", 1.5)
+    return out
+
+
+ELEMENTWISE = ("rezero_residual", "bias_act_dropout", "gated_act_dropout")
+
+
+def _bf16_targets(rows) -> list:
+    """bfloat16 training (the newest-torch/bf16 issue's table): where the GEMMs are fast (AMX or
+    AVX512-BF16 on a CPU, tensor cores on a GPU) the elementwise work is a larger share of a step.
+    Layers, stacks and the Llama layer in pure bf16 and in bf16 autocast: >= 1.4x
+    backend="torch", and the one-layer steps <= 1.15x their GEMM + attention floor in the same
+    dtype; every elementwise op at 32 MiB >= 1.0x eager without dropout, >= 3x with it, with its
+    bandwidth as a share of a bf16 copy.  Only when a run has bf16 cases."""
+    if not any("bf16" in r["case"] for r in rows):
+        return []
+    out = []
+    for dt in ("bf16", "amp-bf16"):
+        for case, what in ((f"layer/encoder/train/{dt}", "encoder layer"),
+                           (f"stack/encoder12/train/{dt}", "12-layer stack"),
+                           (f"stack/encoder64/train/{dt}", "64-layer stack"),
+                           (f"llama/layer/train/{dt}/p0.1", "Llama layer p 0.1"),
+                           (f"llama/stack12/train/{dt}/p0.1", "12-layer Llama stack p 0.1")):
+            _ratio(out, f"{what} train step, {dt} >= 1.4x backend=torch", rows, case, "eager",
+                   1.4)
+            if "/layer/" in case:
+                _ratio(out, f"{what} train step, {dt} <= 1.15x its GEMM+attention floor", rows,
+                       case, "floor", 1.15, at_most=True)
+    for op in ELEMENTWISE:
+        for p, need in (("0", 1.0), ("0.1", 3.0)):
+            case = f"op/{op}/fwd+bwd/bf16/large/p{p}"
+            _ratio(out, f"{op} fwd+bwd bf16 32 MiB p {p} >= {need:g}x eager", rows, case,
+                   "eager", need)
+            for r in _ours(rows, case):
+                if r.get("gbps") and r.get("frac_of_copy"):
+                    row = next(o for o in out if o["variant"] == r["variant"] and
+                               o["target"].startswith(f"{op} fwd+bwd bf16 32 MiB p {p} "))
+                    row["measured"] += (f", {r['gbps']:.1f} GB/s = {r['frac_of_copy']:.0%} of "
+                                        "a bf16 copy")
     return out
