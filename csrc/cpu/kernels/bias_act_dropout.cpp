@@ -54,6 +54,40 @@ const M* bias_at(const M* bias, int64_t col) {
   return bias != nullptr ? bias + col : kZeros;
 }
 
+// The bfloat16/half values of a sub-piece in one pass, 2 x VM::size() at a time: widen, add the
+// bias, activate, drop, round and store straight from registers (the buffered passes below cost
+// more than eager's bfloat16 kernels).  Returns how many of the k values it did; the caller does
+// the rest.  The same float operations in the same order as the buffered path: bit-identical.
+template <typename T, Act kAct, bool kDropout, bool kGrad, bool kReduce, typename M>
+int64_t one_pass_16_bit(T* __restrict out, M* __restrict acc, const T* __restrict grad,
+                        const T* __restrict h, const M* __restrict b, const M* __restrict m,
+                        int64_t k) {
+  using VT = at::vec::Vectorized<T>;
+  using VM = at::vec::Vectorized<M>;
+  constexpr int64_t kHalf = VM::size();
+  int64_t j = 0;
+  for (; j + VT::size() <= k; j += VT::size()) {
+    auto [z0, z1] = at::vec::convert_to_float<T>(VT::loadu(h + j));
+    z0 = rezero::activate<kAct, kGrad>(z0 + VM::loadu(b + j));
+    z1 = rezero::activate<kAct, kGrad>(z1 + VM::loadu(b + j + kHalf));
+    if constexpr (kGrad) {
+      auto [g0, g1] = at::vec::convert_to_float<T>(VT::loadu(grad + j));
+      z0 = g0 * z0;
+      z1 = g1 * z1;
+    }
+    if constexpr (kDropout) {
+      z0 = z0 * VM::loadu(m + j);
+      z1 = z1 * VM::loadu(m + j + kHalf);
+    }
+    at::vec::convert_from_float<T>(z0, z1).store(out + j);
+    if constexpr (kReduce) {
+      (VM::loadu(acc + j) + z0).store(acc + j);
+      (VM::loadu(acc + j + kHalf) + z1).store(acc + j + kHalf);
+    }
+  }
+  return j;
+}
+
 // One kernel for both directions: forward writes y; backward writes grad_h and, with kReduce,
 // the per-block column sums of grad_h into partials.
 template <typename T, Act kAct, bool kDropout, bool kGrad, bool kReduce>
@@ -69,8 +103,17 @@ void kernel(T* out, at::opmath_type<T>* partials, const T* grad, const T* h,
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
       // Short sub-pieces keep the loads, the activation and the stores of one sub-piece
       // within the out-of-order window, so memory and math overlap.
-      for (int64_t o = 0; o < n; o += kSub) {
-        const int64_t k = std::min(kSub, n - o), i = s + o;
+      for (int64_t o0 = 0; o0 < n; o0 += kSub) {
+        int64_t o = o0, k = std::min(kSub, n - o0);
+        if constexpr (!std::is_same_v<T, M>) {
+          const int64_t done = one_pass_16_bit<T, kAct, kDropout, kGrad, kReduce>(
+              out + s + o, kReduce ? partials + b * l.width + col + o : nullptr,
+              kGrad ? grad + s + o : nullptr, h + s + o, bias_at(bias, col + o),
+              kDropout ? m + o : nullptr, k);
+          if (done == k) continue;
+          o += done, k -= done;  // the tail, buffered
+        }
+        const int64_t i = s + o;
         const M* hs = read_math(h + i, hb, k);
         if constexpr (kGrad)
           add_bias_load_grad(z, gz, hs, bias_at(bias, col + o), read_math(grad + i, gb, k), k);

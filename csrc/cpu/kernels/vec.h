@@ -56,11 +56,38 @@ namespace rezero {
 
 // The primitives of activations.h's formulas on this variant's at::vec vectors (Sleef's erf,
 // exp and tanh in the wide variants).
+// erf(x) for float as an odd rational function of x on [-4, 4] (erf is +-1 in float beyond),
+// within 4.2e-7 of the exact value: twelve fused multiply-adds and one division, no call.  With
+// at::vec's float erf (a division, a polynomial and a call to Sleef's exp) our gelu was 1.4x
+// slower than eager's in bfloat16; with this one it is 2.7x faster in float32 and 1.3x in
+// bfloat16 (2048 x 2048, one thread), and no less accurate than eager's (max error against a
+// float64 gelu: 9.9e-7 against eager's 1.2e-6).  Doubles keep at::vec's erf.  The coefficients
+// are the widely used minimax fit behind Eigen's and XLA's fast float erf.
+inline at::vec::Vectorized<float> rational_erf(at::vec::Vectorized<float> x) {
+  using V = at::vec::Vectorized<float>;
+  constexpr float kNum[] = {-2.72614225801306e-10f, 2.77068142495902e-08f, -2.10102402082508e-06f,
+                            -5.69250639462346e-05f, -7.34990630326855e-04f, -2.95459980854025e-03f,
+                            -1.60960333262415e-02f};
+  constexpr float kDen[] = {-1.45660718464996e-05f, -2.13374055278905e-04f, -1.68282697438203e-03f,
+                            -7.37332916720468e-03f, -1.42647390514189e-02f};
+  x = at::vec::clamp(x, V(-4.0f), V(4.0f));
+  const V x2 = x * x;
+  V p(kNum[0]), q(kDen[0]);
+  for (int i = 1; i < 7; ++i) p = at::vec::fmadd(p, x2, V(kNum[i]));
+  for (int i = 1; i < 5; ++i) q = at::vec::fmadd(q, x2, V(kDen[i]));
+  return x * p / q;
+}
+
 template <typename M>
 struct ActOps<at::vec::Vectorized<M>> {
   using V = at::vec::Vectorized<M>;
   static V constant(double c) { return V(static_cast<M>(c)); }
-  static V erf(V v) { return v.erf(); }
+  static V erf(V v) {
+    if constexpr (std::is_same_v<M, float>)
+      return rational_erf(v);
+    else
+      return v.erf();
+  }
   static V exp(V v) { return v.exp(); }
   static V tanh(V v) { return v.tanh(); }
   static V positive_part(V z) { return at::vec::maximum(z, V(M(0))); }
