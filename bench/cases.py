@@ -513,8 +513,9 @@ def _make_llama_case(depth, dtype, p):
         built = Built({}, tokens=s.batch * s.seq, shape=f"{d} layer(s), {s.text(p)}",
                       note="training step = forward + autograd.grad w.r.t. all parameters "
                            "(no optimizer); amp-bf16 = torch.autocast(bfloat16) around fp32 "
-                           "parameters, bf16 = bfloat16 parameters; p = residual, attention and MLP dropout; hf.Llama = HF "
-                           "transformers' LlamaDecoderLayer (pre-RMSNorm; prenorm(plain): the "
+                           "parameters, bf16 = bfloat16 parameters; p = residual, attention and "
+                           "MLP dropout; hf.Llama = HF transformers' LlamaDecoderLayer "
+                           "(pre-RMSNorm; prenorm(plain): the "
                            "same written out, when transformers is absent), at p = 0 only")
         for v in want:
             if v == "floor":

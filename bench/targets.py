@@ -218,8 +218,8 @@ def _bf16_targets(rows) -> list:
     backend="torch", and the one-layer steps <= 1.15x their GEMM + attention floor in the same
     dtype (where eager itself is within 1.4 x 1.15 = 1.61x of that floor, the speed-up target is
     what the floor target allows, eager / floor / 1.15: 1.4x would need a step faster than the
-    floor allows); every elementwise op at 32 MiB >= 1.0x eager without dropout, >= 3x with it, with its
-    bandwidth as a share of a bf16 copy.  Only when a run has bf16 cases."""
+    floor allows); every elementwise op at 32 MiB >= 1.0x eager without dropout, >= 3x with it,
+    with its bandwidth as a share of a bf16 copy.  Only when a run has bf16 cases."""
     if not any("bf16" in r["case"] for r in rows):
         return []
     out = []
@@ -242,12 +242,14 @@ def _bf16_targets(rows) -> list:
     for op in ELEMENTWISE:
         for p, need in (("0", 1.0), ("0.1", 3.0)):
             case = f"op/{op}/fwd+bwd/bf16/large/p{p}"
+            first = len(out)
             _ratio(out, f"{op} fwd+bwd bf16 32 MiB p {p} >= {need:g}x eager", rows, case,
                    "eager", need)
-            for r in _ours(rows, case):
-                if r.get("gbps") and r.get("frac_of_copy"):
-                    row = next(o for o in out if o["variant"] == r["variant"] and
-                               o["target"].startswith(f"{op} fwd+bwd bf16 32 MiB p {p} "))
-                    row["measured"] += (f", {r['gbps']:.1f} GB/s = {r['frac_of_copy']:.0%} of "
-                                        "a bf16 copy")
+            shares = {r["variant"]: r for r in _ours(rows, case)
+                      if r.get("gbps") and r.get("frac_of_copy")}
+            for o in out[first:]:  # the rows _ratio just added
+                if o["variant"] in shares:
+                    r = shares[o["variant"]]
+                    o["measured"] += (f", {r['gbps']:.1f} GB/s = {r['frac_of_copy']:.0%} of a "
+                                      "bf16 copy")
     return out

@@ -54,8 +54,6 @@ constexpr int64_t kSub = 64;
 
 namespace rezero {
 
-// The primitives of activations.h's formulas on this variant's at::vec vectors (Sleef's erf,
-// exp and tanh in the wide variants).
 // erf(x) for float as an odd rational function of x on [-4, 4] (erf is +-1 in float beyond),
 // within 4.2e-7 of the exact value: twelve fused multiply-adds and one division, no call.  With
 // at::vec's float erf (a division, a polynomial and a call to Sleef's exp) our gelu was 1.4x
@@ -78,6 +76,8 @@ inline at::vec::Vectorized<float> rational_erf(at::vec::Vectorized<float> x) {
   return x * p / q;
 }
 
+// The primitives of activations.h's formulas on this variant's at::vec vectors (Sleef's exp and
+// tanh in the wide variants, and its erf for doubles; rational_erf for floats).
 template <typename M>
 struct ActOps<at::vec::Vectorized<M>> {
   using V = at::vec::Vectorized<M>;
