@@ -15,70 +15,47 @@
 namespace rezero::cpu::CPU_CAPABILITY {
 namespace {
 
-template <typename T, typename M, bool kDropout>
-void store_product(T* __restrict y, const M* __restrict a, const M* __restrict u,
-                   const M* __restrict m, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    M v = a[j] * u[j];
-    if constexpr (kDropout) v *= m[j];
-    y[j] = static_cast<T>(v);
-  }
-}
-
-// out = d * f * (kTwo ? f2 : 1), d = grad (* m)
-template <typename T, typename M, bool kDropout, bool kTwo>
-void store_grad(T* __restrict out, const M* __restrict grad, const M* __restrict m,
-                const M* __restrict f, const M* __restrict f2, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) {
-    M v = grad[j] * f[j];
-    if constexpr (kTwo) v *= f2[j];
-    if constexpr (kDropout) v *= m[j];
-    out[j] = static_cast<T>(v);
-  }
-}
-
-template <typename M>
-void copy_math(M* __restrict dst, const M* __restrict src, int64_t n) {
-  for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
-}
-
 // The layout walks y (rows of H); a piece of y starting at flat index s, column col, reads the
-// same columns of both halves of row s / H of gate_up.  Forward: out = y; backward (kGrad):
-// out = grad_gate_up.
+// same columns of both halves of row s / H of gate_up, one MathLanes vector at a time (the
+// activation, the product and the dropout in registers, in the math type).  Forward: out = y;
+// backward (kGrad): out = grad_gate_up.
 template <typename T, Act kAct, bool kDropout, bool kGrad>
 void kernel(T* out, const T* grad, const T* gate_up, const RowLayout& l, const Dropout& d) {
   using M = at::opmath_type<T>;
+  using L = MathLanes<T>;
   const int64_t H = l.width;
   parallel_blocks(l, [&](int64_t, int64_t r0, int64_t r1) {
     ScaleBuffer<M> buf;
-    M a[kSub], da[kSub];
-    constexpr int64_t kWiden = std::is_same_v<T, M> ? 1 : kSub;
-    M gb[kWiden], ub[kWiden], db[kWiden];  // bfloat16/half inputs widened to M
     for_pieces(l, r0, r1, [&](int64_t s, int64_t n, int64_t col) {
       const int64_t in = (s / H) * 2 * H + col;  // g of this piece in gate_up; u is H later
       const M* m = kDropout ? dropout_scales(buf, s, n, d) : nullptr;
-      for (int64_t o = 0; o < n; o += kSub) {
-        const int64_t k = std::min(kSub, n - o);
-        const M* g = read_math(gate_up + in + o, gb, k);
-        const M* u = read_math(gate_up + in + H + o, ub, k);
-        const M* mo = kDropout ? m + o : nullptr;
-        copy_math(a, g, k);
+      for (int64_t o = 0; o < n; o += L::size()) {
+        const int64_t k = std::min(L::size(), n - o);
+        const L g = L::load(gate_up + in + o, k), u = L::load(gate_up + in + H + o, k);
+        L mask;
+        if constexpr (kDropout) mask = L::load_scales(m + o, k);
         if constexpr (kGrad) {
-          activate_both_in_place<kAct>(a, da, k);
-          const M* gr = read_math(grad + s + o, db, k);
-          write_rounded<T, M>(out + in + o, k, [&](auto* dst) {
-            store_grad<std::remove_pointer_t<decltype(dst)>, M, kDropout, true>(dst, gr, mo, u,
-                                                                                 da, k);
-          });
-          write_rounded<T, M>(out + in + H + o, k, [&](auto* dst) {
-            store_grad<std::remove_pointer_t<decltype(dst)>, M, kDropout, false>(dst, gr, mo, a,
-                                                                                  nullptr, k);
-          });
+          const L gr = L::load(grad + s + o, k);
+          L grad_g, grad_u;
+          for (int w = 0; w < L::kWidth; ++w) {
+            typename L::VM a, da;
+            rezero::activation<kAct, true, true>(g.v[w], &a, &da);
+            grad_g.v[w] = gr.v[w] * u.v[w] * da;
+            grad_u.v[w] = gr.v[w] * a;
+            if constexpr (kDropout) {
+              grad_g.v[w] = grad_g.v[w] * mask.v[w];
+              grad_u.v[w] = grad_u.v[w] * mask.v[w];
+            }
+          }
+          grad_g.store(out + in + o, k);
+          grad_u.store(out + in + H + o, k);
         } else {
-          activate_in_place<kAct, false>(a, k);
-          write_rounded<T, M>(out + s + o, k, [&](auto* dst) {
-            store_product<std::remove_pointer_t<decltype(dst)>, M, kDropout>(dst, a, u, mo, k);
-          });
+          L y;
+          for (int w = 0; w < L::kWidth; ++w) {
+            y.v[w] = rezero::activate<kAct, false>(g.v[w]) * u.v[w];
+            if constexpr (kDropout) y.v[w] = y.v[w] * mask.v[w];
+          }
+          y.store(out + s + o, k);
         }
       }
     });

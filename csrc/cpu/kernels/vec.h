@@ -5,6 +5,7 @@
 #include <ATen/cpu/vec/functional.h>  // convert_to_float for bfloat16/half
 #include <ATen/cpu/vec/vec.h>
 
+#include <algorithm>
 #include <type_traits>
 
 #include "../../activations.h"
@@ -45,6 +46,46 @@ inline void write_rounded(T* dst, int64_t n, const Fill& fill) {
     at::vec::convert(tmp, dst, n);
   }
 }
+
+// One at::vec vector of T (size() values) in the math type M, as kWidth M vectors: one for
+// float/double, two for bfloat16/half; loaded widened and stored rounded in registers, without
+// the scratch buffers of read_math / write_rounded.  A count below size() loads zeros into the
+// lanes past it and stores none of them.
+template <typename T>
+struct MathLanes {
+  using M = at::opmath_type<T>;
+  using VM = at::vec::Vectorized<M>;
+  static constexpr int kWidth = std::is_same_v<T, M> ? 1 : 2;
+  static constexpr int64_t size() { return kWidth * VM::size(); }
+
+  VM v[kWidth];
+
+  static MathLanes load(const T* src, int64_t count) {
+    MathLanes l;
+    if constexpr (kWidth == 1) {
+      l.v[0] = VM::loadu(src, count);
+    } else {
+      auto [lo, hi] = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(src, count));
+      l.v[0] = lo;
+      l.v[1] = hi;
+    }
+    return l;
+  }
+  // count values that are already in the math type (dropout scales), lane for lane
+  static MathLanes load_scales(const M* src, int64_t count) {
+    MathLanes l;
+    for (int w = 0; w < kWidth; ++w)
+      l.v[w] = VM::loadu(src + w * VM::size(),
+                         std::clamp<int64_t>(count - w * VM::size(), 0, VM::size()));
+    return l;
+  }
+  void store(T* dst, int64_t count) const {
+    if constexpr (kWidth == 1)
+      v[0].store(dst, count);
+    else
+      at::vec::convert_from_float<T>(v[0], v[1]).store(dst, count);
+  }
+};
 
 // Elements of a sub-piece: short enough that the loads, the activation and the stores of one
 // sub-piece stay within the out-of-order window, so memory and math overlap.
@@ -88,7 +129,12 @@ struct ActOps<at::vec::Vectorized<M>> {
     else
       return v.erf();
   }
-  static V exp(V v) { return v.exp(); }
+  static V exp(V v) {
+    if constexpr (std::is_same_v<M, float>)
+      return v.exp_u20();
+    else
+      return v.exp();
+  }
   static V tanh(V v) { return v.tanh(); }
   static V positive_part(V z) { return at::vec::maximum(z, V(M(0))); }
   static V where_positive(V z, V a, V b) { return V::blendv(b, a, z > V(M(0))); }
