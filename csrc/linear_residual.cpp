@@ -56,7 +56,10 @@ at::Tensor linear_residual(const at::Tensor& x, const at::Tensor& inp, const at:
   check_args(x, inp, weight, bias);
   at::Tensor f = at::addmm(bias, as_matrix(inp), weight.t());
   f = in_type(with_sizes(f, x.sizes()), x.scalar_type());
-  return ops::residual().call(x, f, alpha, p, seed);
+  if (!f.is_cpu()) return ops::residual().call(x, f, alpha, p, seed);
+  // f is this op's own: on the CPU y is written over it, saving a fresh x-sized buffer
+  ops::residual_into_fx().call(x, f, alpha, p, seed);
+  return f;
 }
 
 // a @ b with a float32 (float64 for float64) result.  G = dy'^T inp feeds grad_alpha, a sum over

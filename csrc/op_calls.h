@@ -33,6 +33,7 @@ using Mask4 = std::array<bool, 4>;
 namespace ops {
 using In = const at::Tensor&;
 REZERO_OP(residual, "rezero_kernels::residual", at::Tensor(In, In, In, double, In))
+REZERO_OP(residual_into_fx, "rezero_kernels::residual_into_fx", void(In, In, In, double, In))
 REZERO_OP(residual_backward, "rezero_kernels::residual_backward",
           TensorPair(In, In, In, double, In, Mask2))
 REZERO_OP(bias_act_dropout, "rezero_kernels::bias_act_dropout",

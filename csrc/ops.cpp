@@ -21,6 +21,9 @@
 
 TORCH_LIBRARY(rezero_kernels, m) {
   m.def("residual(Tensor x, Tensor fx, Tensor alpha, float p, Tensor seed) -> Tensor");
+  // The same written over fx, CPU only: linear_residual's epilogue on its own GEMM result, which
+  // nothing else holds (a fresh CPU buffer is page-faulted in; CUDA's caching allocator's is not).
+  m.def("residual_into_fx(Tensor x, Tensor(a!) fx, Tensor alpha, float p, Tensor seed) -> ()");
   // grad_fx is computed whenever either gradient is asked for; fx is read only for grad_alpha.
   m.def("residual_backward(Tensor grad, Tensor fx, Tensor alpha, float p, Tensor seed,"
         " bool[2] output_mask) -> (Tensor grad_fx, Tensor grad_alpha)");

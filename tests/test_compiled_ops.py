@@ -135,6 +135,31 @@ def test_backward_ops_return_what_the_mask_asks_for(mask):
             assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+@pytest.mark.parametrize("channels", [1, 257])
+def test_residual_into_fx_writes_what_residual_returns(dtype, p, channels):
+    """rezero_linear's CPU epilogue writes y over its GEMM result: the same values, bit for bit,
+    as the out-of-place op (odd width, more rows than one thread's block, both gate shapes)."""
+    ops = torch.ops.rezero_kernels
+    x, fx = (torch.randn(301, 257, dtype=dtype) for _ in range(2))
+    alpha = torch.randn(channels, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    want = ops.residual(x, fx, alpha, p, _seed(p))
+    ops.residual_into_fx(x, fx, alpha, p, _seed(p))
+    assert torch.equal(fx, want)
+
+
+def test_rezero_linear_returns_a_new_tensor_on_the_cpu():
+    """The result written over the GEMM's own output aliases none of the inputs."""
+    x, inp, w = torch.randn(4, 8), torch.randn(4, 5), torch.randn(8, 5)
+    before = x.clone()
+    y = F.rezero_linear(x, inp, w, None, torch.tensor(0.5), backend="cpu")
+    assert torch.equal(x, before)
+    assert all(y.untyped_storage().data_ptr() != t.untyped_storage().data_ptr()
+               for t in (x, inp, w))
+    torch.testing.assert_close(y, x + 0.5 * inp @ w.T)
+
+
 def test_compile_fullgraph_stack_matches_eager():
     torch.manual_seed(0)
     layer = rzk.RZTXEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True, alpha_init=0.3)

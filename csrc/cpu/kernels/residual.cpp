@@ -14,10 +14,13 @@
 namespace rezero::cpu::CPU_CAPABILITY {
 namespace {
 
-// Inputs arrive in the math type M (read_math); O is T or M (write_rounded).
+// Inputs arrive in the math type M (read_math); O is T or M (write_rounded).  y may be f itself
+// (residual_into_fx): element j is read before it is written, so the loop has no dependence
+// between iterations (omp simd), and neither pointer is restrict.
 template <typename O, typename M, bool kPerChannel, bool kDropout>
-void forward_piece(O* __restrict y, const M* __restrict x, const M* __restrict f,
-                   const M* __restrict a, const M* __restrict m, int64_t n) {
+void forward_piece(O* y, const M* __restrict x, const M* f, const M* __restrict a,
+                   const M* __restrict m, int64_t n) {
+#pragma omp simd
   for (int64_t j = 0; j < n; ++j) {
     M v = f[j] * (kPerChannel ? a[j] : a[0]);
     if constexpr (kDropout) v *= m[j];
