@@ -42,28 +42,34 @@ def merged_mask(attn_mask, key_padding_mask, batch, heads, q_len, k_len, dtype):
 
 
 def scaled_dot_product(q, k, v, mask, causal, dropout_p, backend):
-    """SDPA, except for CPU training with dropout in float32/64 on the compiled backend: there
-    torch's SDPA falls back to its math path, whose bernoulli mask costs ~8 ns an element on one
-    thread; the same math with the fused in-kernel dropout replaces it.  Fewer key/value heads
+    """SDPA, except for CPU training with dropout on the compiled backend: there torch's SDPA
+    falls back to its math path, whose bernoulli mask costs ~8 ns an element on one thread; the
+    same math with the fused in-kernel dropout replaces it.  Like that math path, 16-bit inputs
+    are widened to float32 for the scores, softmax and weighted sum (outside autocast, which
+    would narrow the products again) and the result rounded back once.  Fewer key/value heads
     than query heads is grouped-query attention (each serves a group of query heads)."""
-    fused_dropout = (dropout_p > 0 and q.dtype in (torch.float32, torch.float64)
-                     and dispatch.uses_fused_cpu_dropout(backend, q.device))
+    fused_dropout = dropout_p > 0 and dispatch.uses_fused_cpu_dropout(backend, q.device)
     groups = q.shape[-3] // k.shape[-3]
     if not fused_dropout:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                               dropout_p=dropout_p, enable_gqa=groups != 1)
+    dtype = q.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
     if groups != 1:
         k, v = k.repeat_interleave(groups, dim=-3), v.repeat_interleave(groups, dim=-3)
-    scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-    if causal:
-        mask = _additive(causal_mask(q.shape[-2], k.shape[-2], q.device), q.dtype, "causal mask")
-    if mask is not None:
-        scores = scores + mask
-    # SDPA's own softmax: a row whose every key is masked (a left-padded query) gets zero
-    # weights, not NaN
-    probs = functional.bias_act_dropout(torch.ops.aten._safe_softmax(scores, -1), None, "identity",
-                                        dropout_p, True, backend)
-    return torch.matmul(probs, v)
+    with torch.autocast(q.device.type, enabled=False):
+        scores = torch.matmul(q, k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+        if causal:
+            mask = _additive(causal_mask(q.shape[-2], k.shape[-2], q.device), q.dtype,
+                             "causal mask")
+        if mask is not None:
+            scores = scores + mask
+        # SDPA's own softmax: a row whose every key is masked (a left-padded query) gets zero
+        # weights, not NaN
+        probs = functional.bias_act_dropout(torch.ops.aten._safe_softmax(scores, -1), None,
+                                            "identity", dropout_p, True, backend)
+        return torch.matmul(probs, v).to(dtype)
 
 
 def multi_head_attention(x, kv, in_weight, in_bias, heads, batch_first, dropout_p, *,

@@ -171,24 +171,47 @@ def test_nested_tensor_warning_is_torchs_own():
 
 
 @pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("causal", [False, True])
-def test_cpu_attention_dropout_is_sdpa_math_with_the_fused_mask(causal):
-    """CPU training replaces SDPA's slow bernoulli dropout by the fused one; same math."""
-    from parity import probe_mask
+def test_cpu_attention_dropout_is_sdpa_math_with_the_fused_mask(causal, dtype):
+    """CPU training replaces SDPA's slow bernoulli dropout by the fused one; same math (16-bit
+    inputs widened to float32, as SDPA's math path does), forward and gradients against float64
+    with the mask recovered."""
+    from parity import assert_parity, probe_mask
     from rezero_kernels.attention import scaled_dot_product
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
     pad = torch.zeros(2, 1, 1, 5, dtype=torch.float64)
     pad[0, ..., -1] = float("-inf")
     p, seed = 0.3, 99
-    torch.manual_seed(seed)
-    out = scaled_dot_product(q, k, v, None if causal else pad, causal, p, "cpu")
-    keep = probe_mask((2, 3, 5, 5), p, seed, "cpu").double()
+    keep = probe_mask((2, 3, 5, 5), p, seed, "cpu")
     future = torch.ones(5, 5, dtype=torch.bool).triu(1)
-    mask = torch.zeros(5, 5, dtype=torch.float64).masked_fill(future, float("-inf")) if causal else pad
-    probs = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + mask, -1)
-    expected = (probs * keep / (1 - p)) @ v
-    torch.testing.assert_close(out, expected)
-    for g, e in zip(torch.autograd.grad(out.sum(), (q, k, v)),
-                    torch.autograd.grad(expected.sum(), (q, k, v))):
-        torch.testing.assert_close(g, e)
+    causal_add = torch.zeros(5, 5, dtype=torch.float64).masked_fill(future, float("-inf"))
+
+    def fused(q, k, v):
+        torch.manual_seed(seed)
+        return scaled_dot_product(q, k, v, None if causal else pad.to(q.dtype), causal, p, "cpu")
+
+    def expected(q, k, v):
+        mask = (causal_add if causal else pad).to(q.dtype)
+        probs = torch.softmax(q @ k.transpose(-2, -1) / 8 ** 0.5 + mask, -1)
+        return (probs * keep.to(q.dtype) / (1 - p)) @ v
+
+    assert_parity(fused, expected, [q, k, v], torch.randn(2, 3, 5, 8, dtype=torch.float64),
+                  dtype, names=["q", "k", "v"])
+
+
+@pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
+def test_cpu_attention_dropout_keeps_float32_math_under_autocast():
+    """Inside bf16 autocast the widened scores and weighted sum stay float32 (autocast would
+    narrow the matmuls of the widened inputs again): the same result as outside autocast."""
+    from rezero_kernels.attention import scaled_dot_product
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 33, 16, dtype=torch.bfloat16) for _ in range(3))
+    outs = []
+    for enabled in (False, True):
+        torch.manual_seed(7)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            outs.append(scaled_dot_product(q, k, v, None, True, 0.2, "cpu"))
+    assert outs[1].dtype == torch.bfloat16
+    torch.testing.assert_close(outs[1], outs[0], rtol=0, atol=0)
