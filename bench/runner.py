@@ -21,7 +21,7 @@ class Plan:
 
 
 FULL = Plan()
-QUICK = Plan(rounds=7, min_rounds=3, warmup=1, min_sample_s=0.02, max_case_s=6.0,
+QUICK = Plan(rounds=15, min_rounds=3, warmup=1, min_sample_s=0.02, max_case_s=6.0,
              peak_groups=("layer",))
 TINY = Plan(rounds=3, min_rounds=3, warmup=1, min_sample_s=0.002, max_case_s=1.0)
 

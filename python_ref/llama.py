@@ -202,16 +202,30 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, d_model, bias=False, **factory)
 
 
+def _stack(a, b, dtype):
+    """``cat([a, b]).to(dtype)`` in one pass: each weight converted straight into its half of the
+    stacked one (a float32 cat and then its cast would write and read a weight-sized float32
+    copy in between)."""
+    w = a.new_empty((a.shape[0] + b.shape[0],) + a.shape[1:], dtype=dtype)
+    w[:a.shape[0]].copy_(a)
+    w[a.shape[0]:].copy_(b)
+    return w
+
+
 class _StackedLinear(torch.autograd.Function):
     """``x @ cat([a, b]).T`` that does not keep the stacked weight for backward (F.linear on it
     would, a weight-sized tensor per layer): backward stacks it again.  Under autocast the
-    forward GEMM runs in the autocast dtype; backward computes in the gradient's dtype and
-    returns each gradient in its input's dtype, as autocast's F.linear does."""
+    weight is stacked in the autocast dtype and the forward GEMM runs in it; backward computes
+    in the gradient's dtype and returns each gradient in its input's dtype, as autocast's
+    F.linear does."""
 
     @staticmethod
     def forward(ctx, x, a, b):
         ctx.save_for_backward(x, a, b)
-        return F.linear(x, torch.cat([a, b]))
+        device = x.device.type
+        dtype = (torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device)
+                 else a.dtype)
+        return F.linear(x, _stack(a, b, dtype))
 
     @staticmethod
     def backward(ctx, grad):
@@ -219,7 +233,7 @@ class _StackedLinear(torch.autograd.Function):
         dt = grad.dtype
         grad_x = grad_a = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grad @ torch.cat([a, b]).to(dt)).to(x.dtype)
+            grad_x = (grad @ _stack(a, b, dt)).to(x.dtype)
         if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
             g2 = grad.reshape(-1, grad.shape[-1])
             grad_w = g2.t() @ x.reshape(-1, x.shape[-1]).to(dt)

@@ -20,6 +20,7 @@ from parity import assert_parity
 from targets import target  # noqa: F401  (the fixture)
 
 F = rzk.functional
+F_linear = torch.nn.functional.linear
 SEED = 4321
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 # (d_model, heads, kv heads, hidden, head_dim, seq): GQA, MQA, MHA with q/k/v biases, and odd
@@ -276,6 +277,29 @@ def test_compile_fullgraph_stack_matches_eager():
     for a, b in zip(torch.autograd.grad(out_c.sum(), [x, *model.parameters()]),
                     torch.autograd.grad(out_e.sum(), [x, *model.parameters()])):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_stacked_gate_up_under_autocast_is_autocasts_linear(compiled):
+    """The gate/up GEMM stacks its two weights straight into the autocast dtype: the same
+    result and gradients (bit for bit) as autocast's F.linear on the float32 stacked weight,
+    eagerly and under torch.compile(fullgraph=True)."""
+    from python_ref.llama import stacked_linear
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    a, b = (torch.randn(24, 16, requires_grad=True) for _ in range(2))
+    grad = torch.randn(3, 5, 48, dtype=torch.bfloat16)
+    fn = torch.compile(stacked_linear, fullgraph=True, backend="aot_eager") if compiled \
+        else stacked_linear
+    results = []
+    for f in (fn, lambda x, a, b: F_linear(x, torch.cat([a, b]))):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = f(x, a, b)
+        results.append([out, *torch.autograd.grad(out, (x, a, b), grad)])
+    assert results[0][0].dtype == torch.bfloat16
+    assert [t.dtype for t in results[0][1:]] == [torch.float32] * 3
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.skipif(not rzk.backends()["cpu"], reason="compiled extension not built")
